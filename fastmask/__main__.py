@@ -1,0 +1,3 @@
+from fastmask.cli import main
+
+raise SystemExit(main())

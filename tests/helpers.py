@@ -1,0 +1,32 @@
+"""Shared test helpers: float64 references with dtype-dependent error bounds."""
+import torch
+
+# Normwise relative error bounds by the dtype the kernel computed in (design.md, "Measuring").
+REL_TOL = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    "tf32": 3e-3,
+    torch.float16: 3e-3,
+    torch.bfloat16: 2e-2,
+}
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|, in float64; NaN anywhere counts as infinite."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if not torch.isfinite(actual).all():
+        return float("inf")
+    scale = expected.abs().max().clamp_min(1e-30)
+    return ((actual - expected).abs().max() / scale).item()
+
+
+def assert_close(actual, expected, dtype=torch.float32, what="output"):
+    """Assert ``actual`` matches the float64 ``expected`` within the bound for ``dtype``."""
+    err = rel_error(actual, expected)
+    bound = REL_TOL[dtype]
+    assert err <= bound, f"{what}: relative error {err:.3g} > {bound:g} ({dtype})"
+
+
+def to64(*tensors):
+    return [None if t is None else t.detach().double() for t in tensors]
