@@ -25,7 +25,8 @@ test: setup
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 bench: setup
-	$(PYTHON) -m bench
+	$(PYTHON) -m pytest bench -o python_files='bench_*.py' -o python_functions='bench_*' -s $(PYTEST_ARGS)
+	$(PYTHON) bench/table.py
 
 clean:
 	rm -rf $(VENV) .fastmask-installed build *.egg-info .pytest_cache

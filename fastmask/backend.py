@@ -14,7 +14,7 @@ Example::
 """
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 import torch
@@ -22,14 +22,13 @@ import torch
 BACKENDS = ("auto", "triton", "torch")
 
 
-@functools.cache
+# Looked up once, without importing triton, so TRITON_INTERPRET can still be set afterwards.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """True when triton imports (it is a Linux-only dependency)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """True when triton is installed (it is a Linux-only dependency)."""
+    return _TRITON_INSTALLED
 
 
 def interpreter_on() -> bool:

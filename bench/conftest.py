@@ -1,0 +1,114 @@
+"""Benchmark harness: CUDA-event medians side by side in one process, one results file per run.
+
+Every benchmark test takes the ``bench`` fixture and calls ``bench.time(name, fn)`` for each
+contender (fastmask, the eager reference, torch.compile of it) and ``bench.row(...)`` to record a
+comparison. On a CUDA GPU times are medians of ``triton.testing.do_bench`` (warm-up, L2 flushed
+between runs); the rows are written to ``bench/results/<date>-<gpu>.json`` at the end of the
+session. Without a GPU the same code runs once per contender at the smoke sizes (``bench.smoke``)
+so the suite is checked, and nothing is written: timings need a GPU.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+RESULTS_DIR = Path(__file__).parent / "results"
+_rows: list[dict] = []
+
+
+class Bench:
+    def __init__(self, test_name: str):
+        self.test_name = test_name
+        self.smoke = not torch.cuda.is_available()
+        self.device = torch.device("cpu" if self.smoke else "cuda")
+
+    def time(self, fn, *, rep_ms: int = 200) -> float:
+        """Median milliseconds of ``fn()`` (CUDA events); in smoke mode one run, not timed."""
+        if self.smoke:
+            fn()
+            return float("nan")
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+
+    def peak_memory(self, fn) -> int:
+        """Peak CUDA bytes allocated during one call of ``fn`` (0 in smoke mode)."""
+        if self.smoke:
+            fn()
+            return 0
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+
+    def row(self, case: str, times_ms: dict[str, float], baseline: str, **extra):
+        """Record one comparison; ratios are baseline time over each contender's time."""
+        ratios = {name: times_ms[baseline] / t for name, t in times_ms.items() if name != baseline and t > 0}
+        row = {"bench": self.test_name, "case": case, "median_ms": times_ms, "baseline": baseline,
+               "speedup_vs_baseline": ratios, **extra}
+        _rows.append(row)
+        if not self.smoke:
+            print(f"\n{self.test_name} {case}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in times_ms.items())
+                  + " | " + ", ".join(f"x{v:.2f} vs {baseline} ({k})" for k, v in ratios.items()))
+
+
+@pytest.fixture
+def bench(request):
+    return Bench(request.node.name)
+
+
+@pytest.fixture(scope="session")
+def roofline():
+    """Measured HBM bandwidth (bytes/s) and bf16/fp32 matmul rates (FLOP/s) of this device."""
+    if not torch.cuda.is_available():
+        return {"hbm_bytes_per_s": float("nan"), "matmul_flops": {}}
+    import triton.testing
+
+    x = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x), return_mode="median")
+    hbm = 2 * x.numel() / (ms * 1e-3)
+    flops = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+        ms = triton.testing.do_bench(lambda: a @ a, return_mode="median")
+        flops[str(dtype).removeprefix("torch.")] = 2 * 8192**3 / (ms * 1e-3)
+    info = {"hbm_bytes_per_s": hbm, "matmul_flops": flops}
+    _rows.append({"bench": "roofline", **info})
+    return info
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not torch.cuda.is_available():
+        print("\nbench: smoke pass only (no CUDA GPU); timings need a GPU, nothing written")
+        return
+    if not _rows:
+        return
+    import triton
+
+    gpu = torch.cuda.get_device_name(0)
+    driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                            capture_output=True, text=True).stdout.strip()
+    out = {
+        "date": datetime.date.today().isoformat(), "device": gpu, "driver": driver,
+        "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+        "rows": _rows,
+    }
+    RESULTS_DIR.mkdir(exist_ok=True)
+    slug = gpu.lower().replace("nvidia ", "").replace(" ", "-")
+    path = RESULTS_DIR / f"{out['date']}-{slug}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(path)
+    print(f"\nbench: results written to {path}")

@@ -1,0 +1,463 @@
+"""Masked convolution and linear, for one model or a stack of K models.
+
+``masked_conv2d(x, w, m)`` is ``F.conv2d(x, w * m)`` and ``masked_linear(x, w, m)`` is
+``F.linear(x, w * m)``, with the same gradients (the weight's gradient is zero where the mask
+is 0). The stacked forms run K models of one architecture in one kernel launch.
+
+Where each call runs (see ``fastmask.backend``):
+
+- the torch reference (``F.conv2d`` / matmul on ``w * m``) on the CPU, in float64, for
+  ``groups > 1``, and inside torch.func transforms (vmap, grad, jvp), where plain torch ops
+  compose natively;
+- otherwise the Triton kernels, through ops registered with ``torch.library`` so that
+  ``torch.compile`` traces through them. On CUDA with ``FASTMASK_BACKEND=auto`` each shape is
+  timed once against cuDNN/cuBLAS on the pre-masked weight and the faster is kept, so a user is
+  never slower than eager.
+
+Example::
+
+    import torch, fastmask.ops as ops
+    x, w = torch.randn(8, 3, 32, 32), torch.randn(16, 3, 3, 3)
+    m = torch.rand_like(w) > 0.5
+    y = ops.masked_conv2d(x, w, m, padding=1)                      # [8, 16, 32, 32]
+    ys = ops.stacked_masked_conv2d(x, w.expand(4, -1, -1, -1, -1), m, padding="same")  # [4, 8, 16, 32, 32]
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastmask import backend
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_float(name: str, t: Tensor):
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def check_mask(mask: Tensor, weight_shape: Sequence[int], name: str = "mask", stacked: bool = False) -> Tensor:
+    """Validate a mask against its weight and return it as a boolean tensor.
+
+    A mask is boolean or holds only 0 and 1; with ``stacked`` its leading (model) dimension may be 1.
+    """
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    shape, expected = tuple(mask.shape), tuple(weight_shape)
+    if not (shape == expected or (stacked and len(shape) == len(expected) and shape[0] == 1 and shape[1:] == expected[1:])):
+        raise ValueError(f"{name} has shape {shape} but the weight has shape {expected}")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"{name} must be boolean or hold only 0 and 1 (dtype {mask.dtype})")
+    return mask != 0
+
+
+def _check_devices(**tensors):
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {d}" for name, d in devices.items())
+        raise ValueError(f"all tensors must be on one device: {listed}")
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        value = (value, value)
+    value = tuple(value)
+    if len(value) != 2 or not all(isinstance(v, int) for v in value):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return value
+
+
+def _conv_padding(padding, kernel: tuple[int, int], stride, dilation) -> list[int]:
+    """Padding as (top, bottom, left, right); 'same' splits odd totals like torch (extra at the end)."""
+    if padding == "valid":
+        return [0, 0, 0, 0]
+    if padding == "same":
+        if stride != (1, 1):
+            raise ValueError("padding='same' needs stride 1 (as in torch.nn.functional.conv2d)")
+        pads = []
+        for k, d in zip(kernel, dilation):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return pads
+    if isinstance(padding, str):
+        raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+    ph, pw = _pair(padding, "padding")
+    if ph < 0 or pw < 0:
+        raise ValueError(f"padding must be non-negative, got {(ph, pw)}")
+    return [ph, ph, pw, pw]
+
+
+def _autocast(*tensors: Optional[Tensor]):
+    """Cast floating inputs to the CUDA autocast dtype, as F.conv2d / F.linear would under autocast."""
+    if tensors[0].is_cuda and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+    return list(tensors)
+
+
+# ----------------------------------------------------------------------------- torch references
+
+
+def conv2d_reference(x, w, m, bias, stride, padding, dilation, groups=1):
+    """Stacked masked conv2d in plain torch: x [K or 1, N, C, H, W], w [K, O, C/g, R, S] -> [K, N, O, OH, OW]."""
+    K, O = w.shape[:2]
+    N = x.shape[1]
+    wm = (w * m).reshape(K * O, *w.shape[2:])
+    pt, pb, pl, pr = padding
+    if (pt, pl) != (pb, pr):
+        x = F.pad(x, (pl, pr, pt, pb))
+        pt = pl = 0
+    flat_bias = None if bias is None else bias.reshape(K * O)
+    if x.shape[0] == 1 and groups == 1:  # shared input: the K models are K*O output channels
+        y = F.conv2d(x[0], wm, flat_bias, stride, (pt, pl), dilation)
+    else:  # per-model input: the K models are K groups of one grouped conv
+        xs = x.expand(K, *x.shape[1:]).transpose(0, 1).reshape(N, K * x.shape[2], *x.shape[3:])
+        y = F.conv2d(xs, wm, flat_bias, stride, (pt, pl), dilation, K * groups)
+    return y.view(N, K, O, *y.shape[-2:]).transpose(0, 1)
+
+
+def linear_reference(x, w, m, bias):
+    """Stacked masked linear in plain torch: x [K or 1, B, in], w [K, out, in] -> [K, B, out]."""
+    y = torch.matmul(x, (w * m).transpose(1, 2))
+    return y if bias is None else y + bias[:, None, :]
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+_fastest: dict[tuple, str] = {}
+
+
+def _pick(key: tuple, candidates: dict[str, Callable[[], Tensor]]) -> Callable[[], Tensor]:
+    """The Triton kernel when forced; on CUDA under 'auto', whichever of the candidates is faster
+    for this shape, timed once (CUDA events, after a warm-up that also autotunes) and cached."""
+    if backend.selected() != "auto" or not torch.cuda.is_available():
+        return candidates["triton"]
+    if key not in _fastest:
+        if torch.cuda.is_current_stream_capturing():
+            return candidates["torch"]
+        times = {}
+        for name, fn in candidates.items():
+            for _ in range(3):
+                fn()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(10):
+                fn()
+            end.record()
+            end.synchronize()
+            times[name] = start.elapsed_time(end)
+        _fastest[key] = min(times, key=times.get)
+    return candidates[_fastest[key]]
+
+
+def _allow_tf32_conv() -> bool:
+    return torch.backends.cudnn.allow_tf32
+
+
+def _allow_tf32_matmul() -> bool:
+    return torch.backends.cuda.matmul.allow_tf32
+
+
+def _key(*tensors: Tensor, extra=()) -> tuple:
+    return tuple((tuple(t.shape), t.stride(), t.dtype) for t in tensors) + tuple(extra)
+
+
+# ----------------------------------------------------------------------------- conv op
+
+
+@torch.library.custom_op("fastmask::stacked_masked_conv2d", mutates_args=())
+def _conv_op(x: Tensor, w: Tensor, m: Tensor, bias: Optional[Tensor], stride: List[int],
+             padding: List[int], dilation: List[int]) -> Tensor:
+    from fastmask.kernels import masked_conv
+
+    tf32 = _allow_tf32_conv()
+    return _pick(_key(x, w, m, extra=("conv_fwd", bias is None, *stride, *padding, *dilation, tf32)), {
+        "triton": lambda: masked_conv.conv_forward(x, w, m, bias, stride, padding, dilation, tf32),
+        "torch": lambda: conv2d_reference(x, w, m, bias, stride, padding, dilation),
+    })()
+
+
+@_conv_op.register_fake
+def _(x, w, m, bias, stride, padding, dilation):
+    from fastmask.kernels.masked_conv import output_size, stacked_empty
+
+    K, O, _, R, S = w.shape
+    OH = output_size(x.shape[3], R, stride[0], padding[0], padding[1], dilation[0])
+    OW = output_size(x.shape[4], S, stride[1], padding[2], padding[3], dilation[1])
+    return stacked_empty((K, x.shape[1], O, OH, OW), x)
+
+
+def _conv_reference_grads(grad, x, w, m, stride, padding, dilation, need_x: bool, need_w: bool):
+    """(grad_x, grad_w) by autograd through the reference; keeps the graph when grad mode is on."""
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        xr = x if create_graph else x.detach().requires_grad_(need_x)
+        wr = w if create_graph else w.detach().requires_grad_(need_w)
+        y = conv2d_reference(xr, wr, m, None, stride, padding, dilation)
+        wanted = [t for t, need in ((xr, need_x), (wr, need_w)) if need]
+        grads = iter(torch.autograd.grad(y, wanted, grad, create_graph=create_graph))
+    return (next(grads) if need_x else None), (next(grads) if need_w else None)
+
+
+@torch.library.custom_op("fastmask::stacked_masked_conv2d_backward", mutates_args=())
+def _conv_backward_op(grad: Tensor, x: Tensor, w: Tensor, m: Tensor, stride: List[int], padding: List[int],
+                      dilation: List[int], need_x: bool, need_w: bool) -> tuple[Tensor, Tensor]:
+    from fastmask.kernels import masked_conv
+
+    tf32 = _allow_tf32_conv()
+
+    def triton_grads():
+        gx = gw = grad.new_empty(0)
+        if need_x:
+            gx = masked_conv.conv_grad_input(grad, w, m, x, stride, padding, dilation, tf32)
+            if x.shape[0] == 1 and w.shape[0] > 1:  # a shared input: sum the K models' gradients
+                gx = masked_conv.stacked_empty(x.shape, x).copy_(gx.sum(0, keepdim=True))
+        if need_w:
+            gw = masked_conv.conv_grad_weight(grad, x, w, m, stride, padding, dilation, tf32)
+        return gx, gw
+
+    def torch_grads():
+        with torch.no_grad():
+            gx, gw = _conv_reference_grads(grad, x, w, m, stride, padding, dilation, need_x, need_w)
+        gx = masked_conv.stacked_empty(x.shape, x).copy_(gx) if need_x else grad.new_empty(0)
+        gw = torch.empty_like(w).copy_(gw) if need_w else grad.new_empty(0)
+        return gx, gw
+
+    key = _key(grad, x, w, m, extra=("conv_bwd", need_x, need_w, *stride, *padding, *dilation, tf32))
+    return _pick(key, {"triton": triton_grads, "torch": torch_grads})()
+
+
+@_conv_backward_op.register_fake
+def _(grad, x, w, m, stride, padding, dilation, need_x, need_w):
+    from fastmask.kernels.masked_conv import stacked_empty
+
+    return (stacked_empty(x.shape, x) if need_x else x.new_empty(0)), (torch.empty_like(w) if need_w else w.new_empty(0))
+
+
+def _conv_setup(ctx, inputs, output):
+    x, w, m, bias, stride, padding, dilation = inputs
+    ctx.save_for_backward(x, w, m)
+    ctx.conv_args = (stride, padding, dilation)
+    ctx.has_bias = bias is not None
+
+
+def _conv_backward(ctx, grad):
+    x, w, m = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if torch.is_grad_enabled():  # create_graph=True (double backward): stay differentiable
+        gx, gw = _conv_reference_grads(grad, x, w, m, *ctx.conv_args, need_x, need_w)
+    else:
+        gx, gw = _conv_backward_op(grad, x, w, m, *ctx.conv_args, need_x, need_w)
+        gx, gw = (gx if need_x else None), (gw if need_w else None)
+    gb = grad.sum((1, 3, 4)) if ctx.has_bias and ctx.needs_input_grad[3] else None
+    return gx, gw, None, gb, None, None, None
+
+
+_conv_op.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+def stacked_masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None,
+                          stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
+    """Masked conv2d of K models at once: ``y[k] = F.conv2d(x[k], weight[k] * mask[k], bias[k], ...)``.
+
+    Args:
+        input: ``[K, N, C, H, W]`` (one batch per model) or ``[N, C, H, W]`` (shared by all K).
+        weight: ``[K, O, C // groups, R, S]``.
+        mask: boolean (or 0/1) of the weight's shape, or ``[1, ...]`` shared by all K.
+        bias: ``[K, O]`` or None.
+        stride, padding, dilation, groups: as ``F.conv2d``; padding also ``'same'`` / ``'valid'``.
+
+    Returns ``[K, N, O, OH, OW]``. One kernel launch covers all K models.
+    """
+    _check_float("input", input)
+    _check_float("weight", weight)
+    if weight.dim() != 5:
+        raise ValueError(f"weight must be [K, O, C/groups, R, S] (5-d), got shape {tuple(weight.shape)}")
+    if input.dim() not in (4, 5):
+        raise ValueError(f"input must be [K, N, C, H, W] or [N, C, H, W], got shape {tuple(input.shape)}")
+    x = input if input.dim() == 5 else input.unsqueeze(0)
+    K = weight.shape[0]
+    if x.shape[0] not in (1, K):
+        raise ValueError(f"input holds {x.shape[0]} models but weight holds {K}")
+    if x.shape[2] != weight.shape[2] * groups:
+        raise ValueError(f"input has {x.shape[2]} channels but weight expects {weight.shape[2] * groups} "
+                         f"(groups={groups})")
+    if bias is not None and tuple(bias.shape) != (K, weight.shape[1]):
+        raise ValueError(f"bias must have shape {(K, weight.shape[1])}, got {tuple(bias.shape)}")
+    _check_devices(input=input, weight=weight, mask=mask, bias=bias)
+    mask = check_mask(mask, weight.shape, stacked=True)
+    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    pads = _conv_padding(padding, tuple(weight.shape[-2:]), stride, dilation)
+    x, weight, bias = _autocast(x, weight, bias)
+    if x.dtype != weight.dtype:
+        raise TypeError(f"input ({x.dtype}) and weight ({weight.dtype}) must have one dtype")
+    if groups != 1 or torch._C._are_functorch_transforms_active() or not backend.use_triton(x, weight):
+        return conv2d_reference(x, weight, mask, bias, stride, pads, dilation, groups)
+    return _conv_op(x, weight, mask, bias, list(stride), pads, list(dilation))
+
+
+def masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None,
+                  stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
+    """``F.conv2d(input, weight * mask, bias, stride, padding, dilation, groups)``, fused.
+
+    The gradient with respect to ``weight`` is zero where ``mask`` is 0. ``mask`` is boolean or
+    0/1 with the weight's shape. ``input`` is ``[N, C, H, W]`` or unbatched ``[C, H, W]``.
+
+    Example::
+
+        y = masked_conv2d(torch.randn(2, 3, 7, 7), torch.randn(5, 3, 3, 3), torch.ones(5, 3, 3, 3, dtype=torch.bool), padding="same")
+    """
+    _check_float("weight", weight)
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be [O, C/groups, R, S] (4-d), got shape {tuple(weight.shape)}")
+    _check_float("input", input)
+    unbatched = input.dim() == 3
+    if input.dim() not in (3, 4):
+        raise ValueError(f"input must be [N, C, H, W] or [C, H, W], got shape {tuple(input.shape)}")
+    mask = check_mask(mask, weight.shape)
+    y = stacked_masked_conv2d(input.unsqueeze(0) if unbatched else input, weight.unsqueeze(0), mask.unsqueeze(0),
+                              None if bias is None else bias.unsqueeze(0), stride, padding, dilation, groups)[0]
+    return y[0] if unbatched else y
+
+
+# ----------------------------------------------------------------------------- linear op
+
+
+@torch.library.custom_op("fastmask::stacked_masked_linear", mutates_args=())
+def _linear_op(x: Tensor, w: Tensor, m: Tensor, bias: Optional[Tensor]) -> Tensor:
+    from fastmask.kernels import masked_matmul
+
+    tf32 = _allow_tf32_matmul()
+    return _pick(_key(x, w, m, extra=("linear_fwd", bias is None, tf32)), {
+        "triton": lambda: masked_matmul.linear_forward(x, w, m, bias, tf32),
+        "torch": lambda: linear_reference(x, w, m, bias),
+    })()
+
+
+@_linear_op.register_fake
+def _(x, w, m, bias):
+    return x.new_empty((w.shape[0], x.shape[1], w.shape[1]))
+
+
+@torch.library.custom_op("fastmask::stacked_masked_linear_backward", mutates_args=())
+def _linear_backward_op(grad: Tensor, x: Tensor, w: Tensor, m: Tensor, need_x: bool,
+                        need_w: bool) -> tuple[Tensor, Tensor]:
+    from fastmask.kernels import masked_matmul
+
+    tf32 = _allow_tf32_matmul()
+
+    def triton_grads():
+        gx = gw = grad.new_empty(0)
+        if need_x:
+            gx = masked_matmul.linear_grad_input(grad, w, m, tf32)
+            gx = gx.sum(0, keepdim=True) if x.shape[0] == 1 and w.shape[0] > 1 else gx
+        if need_w:
+            gw = masked_matmul.linear_grad_weight(grad, x, m, tf32)
+        return gx, gw
+
+    def torch_grads():
+        gx = gw = grad.new_empty(0)
+        if need_x:
+            gx = torch.matmul(grad, w * m)
+            gx = gx.sum(0, keepdim=True) if x.shape[0] == 1 and w.shape[0] > 1 else gx
+        if need_w:
+            gw = torch.matmul(grad.transpose(1, 2), x) * m
+        return gx, gw
+
+    key = _key(grad, x, w, m, extra=("linear_bwd", need_x, need_w, tf32))
+    return _pick(key, {"triton": triton_grads, "torch": torch_grads})()
+
+
+@_linear_backward_op.register_fake
+def _(grad, x, w, m, need_x, need_w):
+    return (x.new_empty(x.shape) if need_x else x.new_empty(0)), (w.new_empty(w.shape) if need_w else w.new_empty(0))
+
+
+def _linear_setup(ctx, inputs, output):
+    x, w, m, bias = inputs
+    ctx.save_for_backward(x, w, m)
+    ctx.has_bias = bias is not None
+
+
+def _linear_backward(ctx, grad):
+    x, w, m = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if torch.is_grad_enabled():  # create_graph=True (double backward): stay differentiable
+        gx = torch.matmul(grad, w * m) if need_x else None
+        if gx is not None and x.shape[0] == 1 and w.shape[0] > 1:
+            gx = gx.sum(0, keepdim=True)
+        gw = torch.matmul(grad.transpose(1, 2), x) * m if need_w else None
+    else:
+        gx, gw = _linear_backward_op(grad, x, w, m, need_x, need_w)
+        gx, gw = (gx if need_x else None), (gw if need_w else None)
+    gb = grad.sum(1) if ctx.has_bias and ctx.needs_input_grad[3] else None
+    return gx, gw, None, gb
+
+
+_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+def stacked_masked_linear(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """Masked linear of K models at once: ``y[k] = F.linear(x[k], weight[k] * mask[k], bias[k])``.
+
+    Args:
+        input: ``[K, B, in]`` (one batch per model) or ``[B, in]`` (shared by all K).
+        weight: ``[K, out, in]``; mask: boolean (or 0/1) of that shape or ``[1, out, in]``.
+        bias: ``[K, out]`` or None.
+
+    Returns ``[K, B, out]``, computed in one kernel launch.
+    """
+    _check_float("input", input)
+    _check_float("weight", weight)
+    if weight.dim() != 3:
+        raise ValueError(f"weight must be [K, out, in] (3-d), got shape {tuple(weight.shape)}")
+    if input.dim() not in (2, 3):
+        raise ValueError(f"input must be [K, B, in] or [B, in], got shape {tuple(input.shape)}")
+    x = input if input.dim() == 3 else input.unsqueeze(0)
+    K, out_features, in_features = weight.shape
+    if x.shape[0] not in (1, K):
+        raise ValueError(f"input holds {x.shape[0]} models but weight holds {K}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"input has {x.shape[-1]} features but weight expects {in_features}")
+    if bias is not None and tuple(bias.shape) != (K, out_features):
+        raise ValueError(f"bias must have shape {(K, out_features)}, got {tuple(bias.shape)}")
+    _check_devices(input=input, weight=weight, mask=mask, bias=bias)
+    mask = check_mask(mask, weight.shape, stacked=True)
+    x, weight, bias = _autocast(x, weight, bias)
+    if x.dtype != weight.dtype:
+        raise TypeError(f"input ({x.dtype}) and weight ({weight.dtype}) must have one dtype")
+    if torch._C._are_functorch_transforms_active() or not backend.use_triton(x, weight):
+        return linear_reference(x, weight, mask, bias)
+    return _linear_op(x, weight, mask, bias)
+
+
+def masked_linear(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear(input, weight * mask, bias)``, fused; the weight's gradient is zero where ``mask`` is 0.
+
+    ``input`` is ``[..., in]``; ``mask`` is boolean or 0/1 with the weight's shape ``[out, in]``.
+
+    Example::
+
+        y = masked_linear(torch.randn(4, 10), torch.randn(3, 10), torch.rand(3, 10) > 0.9)   # [4, 3]
+    """
+    _check_float("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [out, in] (2-d), got shape {tuple(weight.shape)}")
+    _check_float("input", input)
+    if input.dim() < 1:
+        raise ValueError("input must have at least one dimension")
+    mask = check_mask(mask, weight.shape)
+    lead = input.shape[:-1]
+    y = stacked_masked_linear(input.reshape(1, -1, input.shape[-1]), weight.unsqueeze(0), mask.unsqueeze(0),
+                              None if bias is None else bias.unsqueeze(0))
+    return y.reshape(*lead, weight.shape[0])

@@ -1,0 +1,272 @@
+"""Implicit-GEMM masked conv2d for a stack of K models: forward, grad-input, grad-weight.
+
+Every tensor is addressed through its strides, so NCHW and channels_last inputs, and an input
+shared by all K models (batch stride 0), need no copies. The mask is applied to the weight in
+the tile loads (forward, grad-input) and to grad-weight in the epilogue: no ``weight * mask``
+tensor is ever materialised. Padding is (top, left); bottom/right padding only shapes the
+output size, which the launcher receives. Reductions run over (r, s, c) so consecutive lanes
+read consecutive channels of channels_last tensors.
+
+Shapes: x [K, N, C, H, W], w/m [K, O, C, R, S] (m may have K=1), y [K, N, O, OH, OW].
+"""
+import torch
+import triton
+import triton.language as tl
+
+from fastmask.kernels import _alloc
+from fastmask.kernels._config import dot_precision, matmul_configs, upcast_operands
+
+
+@triton.autotune(configs=matmul_configs(), key=["N", "C", "H", "W", "O", "R", "S", "PRECISION"])
+@triton.jit
+def conv_forward_kernel(
+    x_ptr, w_ptr, m_ptr, bias_ptr, y_ptr,
+    N, C, H, W, O, OH, OW, R, S,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sxk, sxn, sxc, sxh, sxw,
+    swk, swo, swc, swr, sws,
+    smk, smo, smc, smr, sms,
+    sbk, sbo,
+    syk, syn, syo, syh, syw,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    k = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels (n, oh, ow)
+    offs_o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels
+    in_m = offs_m < N * OH * OW
+    in_o = offs_o < O
+    n = (offs_m // (OH * OW)).to(tl.int64)
+    oh = (offs_m // OW) % OH
+    ow = offs_m % OW
+    x_base = x_ptr + k * sxk + n[:, None] * sxn
+    w_base = w_ptr + k * swk + offs_o[None, :] * swo
+    m_base = m_ptr + k * smk + offs_o[None, :] * smo
+    CRS = C * R * S
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, CRS, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        in_k = offs_k < CRS
+        c = offs_k % C
+        r = offs_k // (C * S)
+        s = (offs_k // C) % S
+        ih = oh[:, None] * stride_h - pad_h + r[None, :] * dil_h
+        iw = ow[:, None] * stride_w - pad_w + s[None, :] * dil_w
+        x_ok = in_m[:, None] & in_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x = tl.load(x_base + c[None, :] * sxc + ih * sxh + iw * sxw, mask=x_ok, other=0.0)
+        w_ok = in_k[:, None] & in_o[None, :]
+        w_off = c[:, None] * swc + r[:, None] * swr + s[:, None] * sws
+        wt = tl.load(w_base + w_off, mask=w_ok, other=0.0)
+        keep = tl.load(m_base + c[:, None] * smc + r[:, None] * smr + s[:, None] * sms, mask=w_ok, other=0)
+        wt = tl.where(keep != 0, wt, tl.zeros_like(wt))
+        if UPCAST:
+            x = x.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(x, wt, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + k * sbk + offs_o * sbo, mask=in_o, other=0.0)[None, :].to(tl.float32)
+    y = y_ptr + k * syk + n[:, None] * syn + offs_o[None, :] * syo + oh[:, None] * syh + ow[:, None] * syw
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=in_m[:, None] & in_o[None, :])
+
+
+@triton.autotune(configs=matmul_configs(), key=["N", "C", "H", "W", "O", "R", "S", "PRECISION"])
+@triton.jit
+def conv_grad_input_kernel(
+    gy_ptr, w_ptr, m_ptr, gx_ptr,
+    N, C, H, W, O, OH, OW, R, S,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sgk, sgn, sgo, sgh, sgw,
+    swk, swo, swc, swr, sws,
+    smk, smo, smc, smr, sms,
+    sxk, sxn, sxc, sxh, sxw,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # gx[n, c, ih, iw] = sum over (r, s, o) of gy[n, o, oh, ow] * (w*m)[o, c, r, s]
+    # where ih = oh * stride - pad + r * dil: the output pixels that read input pixel ih.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    k = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # input pixels (n, ih, iw)
+    offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channels
+    in_m = offs_m < N * H * W
+    in_c = offs_c < C
+    n = (offs_m // (H * W)).to(tl.int64)
+    ih = (offs_m // W) % H
+    iw = offs_m % W
+    gy_base = gy_ptr + k * sgk + n[:, None] * sgn
+    w_base = w_ptr + k * swk + offs_c[None, :] * swc
+    m_base = m_ptr + k * smk + offs_c[None, :] * smc
+    ORS = O * R * S
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, ORS, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        in_k = offs_k < ORS
+        o = offs_k % O
+        r = offs_k // (O * S)
+        s = (offs_k // O) % S
+        th = ih[:, None] + pad_h - r[None, :] * dil_h
+        tw = iw[:, None] + pad_w - s[None, :] * dil_w
+        th_ok = th >= 0
+        tw_ok = tw >= 0
+        th = tl.where(th_ok, th, 0)
+        tw = tl.where(tw_ok, tw, 0)
+        oh = th // stride_h
+        ow = tw // stride_w
+        g_ok = (in_m[:, None] & in_k[None, :] & th_ok & tw_ok & (th % stride_h == 0) & (tw % stride_w == 0)
+                & (oh < OH) & (ow < OW))
+        g = tl.load(gy_base + o[None, :] * sgo + oh * sgh + ow * sgw, mask=g_ok, other=0.0)
+        w_ok = in_k[:, None] & in_c[None, :]
+        wt = tl.load(w_base + o[:, None] * swo + r[:, None] * swr + s[:, None] * sws, mask=w_ok, other=0.0)
+        keep = tl.load(m_base + o[:, None] * smo + r[:, None] * smr + s[:, None] * sms, mask=w_ok, other=0)
+        wt = tl.where(keep != 0, wt, tl.zeros_like(wt))
+        if UPCAST:
+            g = g.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(g, wt, acc, input_precision=PRECISION)
+    gx = gx_ptr + k * sxk + n[:, None] * sxn + offs_c[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw
+    tl.store(gx, acc.to(gx_ptr.dtype.element_ty), mask=in_m[:, None] & in_c[None, :])
+
+
+@triton.autotune(configs=matmul_configs(), key=["N", "C", "H", "W", "O", "R", "S", "SPLIT", "PRECISION"])
+@triton.jit
+def conv_grad_weight_kernel(
+    gy_ptr, x_ptr, m_ptr, gw_ptr,
+    N, C, H, W, O, OH, OW, R, S, K_MODELS, SPLIT, SPLIT_LEN,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sgk, sgn, sgo, sgh, sgw,
+    sxk, sxn, sxc, sxh, sxw,
+    smk, smo, smc, smr, sms,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # gw[o, (r, s, c)] = m * sum over output pixels p of gy[p, o] * x[p shifted by (r, s), c].
+    # Split-K: program (k, split) sums pixels [split * SPLIT_LEN, (split + 1) * SPLIT_LEN) into its
+    # own fp32 slice of gw_ptr [SPLIT, K, O, R, S, C]; the launcher adds the slices.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    k = (tl.program_id(2) // SPLIT).to(tl.int64)
+    split = tl.program_id(2) % SPLIT
+    offs_o = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_q = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (r, s, c) flattened
+    in_o = offs_o < O
+    CRS = C * R * S
+    in_q = offs_q < CRS
+    c = offs_q % C
+    r = offs_q // (C * S)
+    s = (offs_q // C) % S
+    P = N * OH * OW
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    p_start = split * SPLIT_LEN
+    for p0 in range(0, SPLIT_LEN, BLOCK_K):
+        offs_p = p_start + p0 + tl.arange(0, BLOCK_K)
+        in_p = (offs_p < P) & (p0 + tl.arange(0, BLOCK_K) < SPLIT_LEN)
+        n = (offs_p // (OH * OW)).to(tl.int64)
+        oh = (offs_p // OW) % OH
+        ow = offs_p % OW
+        g = tl.load(gy_ptr + k * sgk + n[None, :] * sgn + offs_o[:, None] * sgo + oh[None, :] * sgh
+                    + ow[None, :] * sgw, mask=in_o[:, None] & in_p[None, :], other=0.0)
+        ih = oh[:, None] * stride_h - pad_h + r[None, :] * dil_h
+        iw = ow[:, None] * stride_w - pad_w + s[None, :] * dil_w
+        x_ok = in_p[:, None] & in_q[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x = tl.load(x_ptr + k * sxk + n[:, None] * sxn + c[None, :] * sxc + ih * sxh + iw * sxw, mask=x_ok, other=0.0)
+        if UPCAST:
+            g = g.to(tl.float32)
+            x = x.to(tl.float32)
+        acc = tl.dot(g, x, acc, input_precision=PRECISION)
+    ok = in_o[:, None] & in_q[None, :]
+    keep = tl.load(m_ptr + k * smk + offs_o[:, None] * smo + c[None, :] * smc
+                   + r[None, :] * smr + s[None, :] * sms, mask=ok, other=0)
+    acc = tl.where(keep != 0, acc, 0.0)
+    slice_base = (split.to(tl.int64) * K_MODELS + k) * O * CRS
+    tl.store(gw_ptr + slice_base + offs_o[:, None] * CRS + offs_q[None, :], acc, mask=ok)
+
+
+def _strides5(t: torch.Tensor, models: int):
+    """Strides of a [K or 1, ...] 5-d tensor; a leading 1 broadcasts over the K models."""
+    return (0 if t.shape[0] == 1 and models > 1 else t.stride(0),) + tuple(t.stride()[1:])
+
+
+def output_size(size, kernel, stride, pad_lo, pad_hi, dilation):
+    return (size + pad_lo + pad_hi - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def conv_forward(x, w, m, bias, stride, padding, dilation, allow_tf32):
+    """y [K, N, O, OH, OW] in x's memory format. padding = (top, bottom, left, right)."""
+    K, O, C, R, S = w.shape
+    N, _, H, W = x.shape[1:]
+    OH = output_size(H, R, stride[0], padding[0], padding[1], dilation[0])
+    OW = output_size(W, S, stride[1], padding[2], padding[3], dilation[1])
+    y = stacked_empty((K, N, O, OH, OW), x)
+    bias_t = bias if bias is not None else y
+    bias_strides = bias.stride() if bias is not None else (0, 0)
+
+    def grid(meta):
+        return triton.cdiv(N * OH * OW, meta["BLOCK_M"]), triton.cdiv(O, meta["BLOCK_N"]), K
+
+    conv_forward_kernel[grid](
+        x, w, m, bias_t, y, N, C, H, W, O, OH, OW, R, S,
+        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+        *_strides5(x, K), *w.stride(), *_strides5(m, K), *bias_strides, *y.stride(),
+        HAS_BIAS=bias is not None, UPCAST=upcast_operands(x.dtype), PRECISION=dot_precision(x.dtype, allow_tf32),
+    )
+    return y
+
+
+def conv_grad_input(grad_y, w, m, x, stride, padding, dilation, allow_tf32):
+    """gx [K, N, C, H, W] laid out like x (one slice per model; the caller sums them for a shared x)."""
+    K, O, C, R, S = w.shape
+    N, _, H, W = x.shape[1:]
+    OH, OW = grad_y.shape[-2:]
+    gx = stacked_empty((K, N, C, H, W), x)
+
+    def grid(meta):
+        return triton.cdiv(N * H * W, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_N"]), K
+
+    conv_grad_input_kernel[grid](
+        grad_y, w, m, gx, N, C, H, W, O, OH, OW, R, S,
+        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+        *grad_y.stride(), *w.stride(), *_strides5(m, K), *gx.stride(),
+        UPCAST=upcast_operands(grad_y.dtype), PRECISION=dot_precision(grad_y.dtype, allow_tf32),
+    )
+    return gx
+
+
+def conv_grad_weight(grad_y, x, w, m, stride, padding, dilation, allow_tf32):
+    """gw [K, O, C, R, S] laid out like w: mask * (grad_y correlated with x)."""
+    K, O, C, R, S = w.shape
+    N, _, H, W = x.shape[1:]
+    OH, OW = grad_y.shape[-2:]
+    pixels = N * OH * OW
+    # Split the pixel reduction so that small weight grids still fill the GPU; one slice when
+    # interpreting (there is no parallelism to gain) or when the grid is already large.
+    tiles = triton.cdiv(O, 64) * triton.cdiv(C * R * S, 64) * K
+    split = 1 if x.device.type == "cpu" else max(1, min(64, 264 // max(tiles, 1), pixels // 1024))
+    split_len = triton.cdiv(pixels, split)
+    partial = _alloc.empty((split, K, O, R, S, C), device=x.device, dtype=torch.float32)
+
+    def grid(meta):
+        return triton.cdiv(O, meta["BLOCK_M"]), triton.cdiv(C * R * S, meta["BLOCK_N"]), K * split
+
+    conv_grad_weight_kernel[grid](
+        grad_y, x, m, partial, N, C, H, W, O, OH, OW, R, S, K, split, split_len,
+        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+        *grad_y.stride(), *_strides5(x, K), *_strides5(m, K),
+        UPCAST=upcast_operands(x.dtype), PRECISION=dot_precision(x.dtype, allow_tf32),
+    )
+    gw = partial[0] if split == 1 else partial.sum(0)
+    return _alloc.empty_like(w).copy_(gw.permute(0, 1, 4, 2, 3))
+
+
+def stacked_empty(shape, like: torch.Tensor) -> torch.Tensor:
+    """A [K, N, C, H, W] output whose per-model images share ``like``'s memory format
+    (channels_last or contiguous); the fake (meta) kernels allocate with it too."""
+    images = like[0]
+    channels_last = images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last) \
+        and not images.is_contiguous()
+    K, N = shape[:2]
+    out = _alloc.empty((K * N, *shape[2:]), device=like.device, dtype=like.dtype,
+                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return out.view(shape)

@@ -1,0 +1,253 @@
+"""Masked conv2d / linear: the Triton kernels (interpreter on CPU) and the reference against float64."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastmask import ops
+from helpers import REL_TOL, assert_close
+
+# (N, C, H, W, O, kernel, stride, padding, dilation): 1x1/3x3/5x5, stride 2, padding 0/1/same/valid,
+# dilation 2, batch 1, an even kernel with 'same' (asymmetric padding), non-square images.
+CONV_CASES = [
+    (2, 3, 7, 7, 5, 3, 1, 1, 1),
+    (1, 3, 7, 7, 4, 1, 1, 0, 1),
+    (2, 3, 7, 7, 5, 5, 1, "same", 1),
+    (2, 3, 7, 7, 5, 3, 2, 1, 1),
+    (1, 3, 7, 6, 3, 3, 1, "same", 2),
+    (2, 2, 6, 5, 3, 2, 1, "same", 1),
+    (1, 3, 7, 7, 2, 3, 2, "valid", 1),
+]
+SPARSITIES = [0.0, 0.5, 0.99, 1.0]
+
+
+def random_mask(shape, sparsity, generator=None):
+    return torch.rand(shape, generator=generator) >= sparsity
+
+
+def conv_reference64(x, w, m, b, stride, padding, dilation):
+    """F.conv2d in float64 on the pre-masked weight: the function masked_conv2d must compute."""
+    return F.conv2d(x.double(), w.double() * m, None if b is None else b.double(), stride, padding, dilation)
+
+
+def grads(y, inputs, upstream):
+    return torch.autograd.grad(y, inputs, upstream)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_masked_conv2d_kernel_matches_float64(triton_backend, case, sparsity):
+    N, C, H, W, O, R, stride, padding, dilation = case
+    x = torch.randn(N, C, H, W, requires_grad=True)
+    w = torch.randn(O, C, R, R, requires_grad=True)
+    b = torch.randn(O, requires_grad=True)
+    m = random_mask(w.shape, sparsity)
+    y = ops.masked_conv2d(x, w, m, b, stride, padding, dilation)
+    ref = conv_reference64(x, w, m, b, stride, padding, dilation)
+    assert_close(y, ref, what="output")
+    upstream = torch.randn_like(ref)
+    gx, gw, gb = grads(y, [x, w, b], upstream.float())
+    rx, rw, rb = grads(ref, [x, w, b], upstream)
+    assert_close(gx, rx, what="grad input")
+    assert_close(gw, rw, what="grad weight")
+    assert_close(gb, rb, what="grad bias")
+    assert (gw[~m] == 0).all(), "grad weight must be exactly zero where the mask is 0"
+
+
+def test_masked_conv2d_channels_last_and_no_bias(triton_backend):
+    x = torch.randn(2, 3, 7, 7).to(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(4, 3, 3, 3).to(memory_format=torch.channels_last).requires_grad_()
+    m = random_mask(w.shape, 0.5)
+    y = ops.masked_conv2d(x, w, m, padding=1)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    ref = conv_reference64(x, w, m, None, 1, 1, 1)
+    assert_close(y, ref)
+    upstream = torch.randn_like(ref)
+    for got, want, what in zip(grads(y, [x, w], upstream.float()), grads(ref, [x, w], upstream), ("gx", "gw")):
+        assert_close(got, want, what=what)
+
+
+@pytest.mark.parametrize("shared_input", [False, True])
+@pytest.mark.parametrize("models, shared_mask", [(1, False), (3, False), (3, True)])
+def test_stacked_masked_conv2d_matches_per_model_float64(triton_backend, models, shared_input, shared_mask):
+    N, C, H, W, O = 2, 3, 7, 7, 4
+    x = torch.randn(*(() if shared_input else (models,)), N, C, H, W, requires_grad=True)
+    w = torch.randn(models, O, C, 3, 3, requires_grad=True)
+    b = torch.randn(models, O, requires_grad=True)
+    m = random_mask((1 if shared_mask else models, O, C, 3, 3), 0.5)
+    y = ops.stacked_masked_conv2d(x, w, m, b, stride=2, padding=1)
+    refs = torch.stack([conv_reference64(x if shared_input else x[k], w[k], m[0 if shared_mask else k], b[k], 2, 1, 1)
+                        for k in range(models)])
+    assert_close(y, refs)
+    upstream = torch.randn_like(refs)
+    for got, want, what in zip(grads(y, [x, w, b], upstream.float()), grads(refs, [x, w, b], upstream),
+                               ("gx", "gw", "gb")):
+        assert_close(got, want, what=what)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_masked_conv2d_half_precision_kernel(triton_backend, dtype):
+    x = torch.randn(2, 3, 7, 7, dtype=dtype, requires_grad=True)
+    w = torch.randn(5, 3, 3, 3, dtype=dtype, requires_grad=True)
+    m = random_mask(w.shape, 0.5)
+    y = ops.masked_conv2d(x, w, m, padding=1)
+    assert y.dtype == dtype
+    ref = conv_reference64(x, w, m, None, 1, 1, 1)
+    assert_close(y, ref, dtype)
+    upstream = torch.randn_like(ref)
+    for got, want, what in zip(grads(y, [x, w], upstream.to(dtype)), grads(ref, [x, w], upstream), ("gx", "gw")):
+        assert_close(got, want, dtype, what=what)
+
+
+LINEAR_CASES = [(1, 7, 5), (4, 10, 3), (17, 33, 19)]
+
+
+@pytest.mark.parametrize("batch, in_features, out_features", LINEAR_CASES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_masked_linear_kernel_matches_float64(triton_backend, batch, in_features, out_features, sparsity):
+    x = torch.randn(batch, in_features, requires_grad=True)
+    w = torch.randn(out_features, in_features, requires_grad=True)
+    b = torch.randn(out_features, requires_grad=True)
+    m = random_mask(w.shape, sparsity)
+    y = ops.masked_linear(x, w, m, b)
+    ref = F.linear(x.double(), w.double() * m, b.double())
+    assert_close(y, ref)
+    upstream = torch.randn_like(ref)
+    gx, gw, gb = grads(y, [x, w, b], upstream.float())
+    for got, want, what in zip((gx, gw, gb), grads(ref, [x, w, b], upstream), ("gx", "gw", "gb")):
+        assert_close(got, want, what=what)
+    assert (gw[~m] == 0).all()
+
+
+@pytest.mark.parametrize("shared_input", [False, True])
+@pytest.mark.parametrize("models, shared_mask", [(1, False), (3, False), (3, True)])
+def test_stacked_masked_linear_matches_per_model_float64(triton_backend, models, shared_input, shared_mask):
+    x = torch.randn(*(() if shared_input else (models,)), 5, 9, requires_grad=True)
+    w = torch.randn(models, 6, 9, requires_grad=True)
+    b = torch.randn(models, 6, requires_grad=True)
+    m = random_mask((1 if shared_mask else models, 6, 9), 0.5)
+    y = ops.stacked_masked_linear(x, w, m, b)
+    refs = torch.stack([F.linear((x if shared_input else x[k]).double(), w[k].double() * m[0 if shared_mask else k],
+                                 b[k].double()) for k in range(models)])
+    assert_close(y, refs)
+    upstream = torch.randn_like(refs)
+    for got, want, what in zip(grads(y, [x, w, b], upstream.float()), grads(refs, [x, w, b], upstream),
+                               ("gx", "gw", "gb")):
+        assert_close(got, want, what=what)
+
+
+def test_masked_linear_keeps_leading_dimensions(triton_backend):
+    x = torch.randn(2, 3, 8)
+    w, m = torch.randn(4, 8), random_mask((4, 8), 0.3)
+    assert_close(ops.masked_linear(x, w, m), F.linear(x.double(), w.double() * m))
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "auto"])
+def test_reference_path_matches_float64(monkeypatch, backend_name):
+    """On the CPU the reference runs: same function, float64 supported exactly, double backward works."""
+    monkeypatch.setenv("FASTMASK_BACKEND", backend_name)
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    m = random_mask(w.shape, 0.5)
+    y = ops.masked_conv2d(x, w, m, stride=2, padding=1)
+    assert_close(y, conv_reference64(x, w, m, None, 2, 1, 1), torch.float64)
+    (gw,) = torch.autograd.grad(y.square().sum(), [w], create_graph=True)
+    assert (gw[~m] == 0).all()
+    (hvp,) = torch.autograd.grad(gw.sum(), [w])
+    assert torch.isfinite(hvp).all()
+
+
+def test_grouped_conv_uses_reference(triton_backend):
+    x = torch.randn(2, 4, 6, 6)
+    w, m = torch.randn(6, 2, 3, 3), random_mask((6, 2, 3, 3), 0.5)
+    assert_close(ops.masked_conv2d(x, w, m, groups=2), F.conv2d(x.double(), w.double() * m, groups=2))
+
+
+def test_double_backward_through_kernel_path(triton_backend):
+    """create_graph=True through the kernel op falls back to the differentiable reference."""
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float32)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    m = random_mask(w.shape, 0.5)
+    (gw,) = torch.autograd.grad(ops.masked_conv2d(x, w, m).square().sum(), [w], create_graph=True)
+    (hvp,) = torch.autograd.grad(gw.sum(), [w])
+    w64 = w.detach().double().requires_grad_()
+    (gw64,) = torch.autograd.grad(F.conv2d(x.double(), w64 * m).square().sum(), [w64], create_graph=True)
+    (hvp64,) = torch.autograd.grad(gw64.sum(), [w64])
+    assert_close(hvp, hvp64, what="Hessian-vector product")
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (dict(mask=torch.ones(5, 3, 3, 2, dtype=torch.bool)), ValueError, "mask has shape"),
+    (dict(mask=torch.full((5, 3, 3, 3), 0.5)), ValueError, "mask must be boolean"),
+    (dict(input=torch.ones(2, 3, 7, 7, dtype=torch.int64)), TypeError, "input must be a floating"),
+    (dict(input=torch.randn(7, 7)), ValueError, "input must be"),
+    (dict(weight=torch.randn(5, 3, 3)), ValueError, "weight must be"),
+    (dict(input=torch.randn(2, 4, 7, 7)), ValueError, "channels"),
+    (dict(padding="full"), ValueError, "padding"),
+    (dict(input=torch.randn(2, 3, 7, 7, device="meta")), ValueError, "one device"),
+])
+def test_masked_conv2d_bad_input_names_the_argument(bad, error, match):
+    args = dict(input=torch.randn(2, 3, 7, 7), weight=torch.randn(5, 3, 3, 3),
+                mask=torch.ones(5, 3, 3, 3, dtype=torch.bool), padding=0)
+    args.update(bad)
+    with pytest.raises(error, match=match):
+        ops.masked_conv2d(**args)
+
+
+def test_masked_linear_bad_input_names_the_argument():
+    w = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="mask has shape"):
+        ops.masked_linear(torch.randn(2, 4), w, torch.ones(4, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="features"):
+        ops.masked_linear(torch.randn(2, 5), w, torch.ones(3, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="models"):
+        ops.stacked_masked_linear(torch.randn(2, 5, 4), w.expand(3, 3, 4), torch.ones(3, 3, 4, dtype=torch.bool))
+
+
+def test_float_zero_one_mask_is_accepted():
+    x, w = torch.randn(2, 4), torch.randn(3, 4)
+    m = (torch.rand(3, 4) > 0.5).float()
+    assert_close(ops.masked_linear(x, w, m), F.linear(x.double(), w.double() * m.double()))
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+@pytest.mark.parametrize("case", CONV_CASES[:4], ids=lambda c: "x".join(map(str, c)))
+def test_masked_conv2d_cuda(monkeypatch, precision, case):
+    monkeypatch.setenv("FASTMASK_BACKEND", "triton")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", precision == "tf32")
+    N, C, H, W, O, R, stride, padding, dilation = case
+    N, C, O = N * 8, C * 11, O * 13  # sizes that cross tile boundaries on the GPU
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    tol = {"fp32": torch.float32, "tf32": "tf32", "bf16": torch.bfloat16}[precision]
+    x = torch.randn(N, C, H + 9, W + 9, device="cuda", dtype=dtype, requires_grad=True)
+    w = torch.randn(O, C, R, R, device="cuda", dtype=dtype, requires_grad=True)
+    b = torch.randn(O, device="cuda", dtype=dtype, requires_grad=True)
+    m = random_mask(w.shape, 0.5).cuda()
+    y = ops.masked_conv2d(x, w, m, b, stride, padding, dilation)
+    ref = conv_reference64(x, w, m, b, stride, padding, dilation)
+    assert_close(y, ref, tol)
+    upstream = torch.randn_like(ref)
+    for got, want, what in zip(grads(y, [x, w, b], upstream.to(dtype)), grads(ref, [x, w, b], upstream),
+                               ("gx", "gw", "gb")):
+        assert_close(got, want, tol, what=what)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+def test_stacked_masked_linear_cuda(monkeypatch, precision):
+    monkeypatch.setenv("FASTMASK_BACKEND", "triton")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", precision == "tf32")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    tol = {"fp32": torch.float32, "tf32": "tf32", "bf16": torch.bfloat16}[precision]
+    x = torch.randn(3, 257, 300, device="cuda", dtype=dtype, requires_grad=True)
+    w = torch.randn(3, 129, 300, device="cuda", dtype=dtype, requires_grad=True)
+    m = random_mask(w.shape, 0.9).cuda()
+    y = ops.stacked_masked_linear(x, w, m)
+    ref = torch.matmul(x.double(), (w.double() * m).transpose(1, 2))
+    assert_close(y, ref, tol)
+    upstream = torch.randn_like(ref)
+    for got, want, what in zip(grads(y, [x, w], upstream.to(dtype)), grads(ref, [x, w], upstream), ("gx", "gw")):
+        assert_close(got, want, tol, what=what)
