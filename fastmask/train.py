@@ -1,0 +1,217 @@
+"""The training engine: one ``fit`` for a model or a stack of K models, resumable.
+
+``fit`` trains with the fused masked optimizers (pruned weights stay exactly zero), a warm-up
+then a constant, step or cosine schedule, device-resident batches from ``fastmask.data.Loader``
+(each model of a stack with its own data order and augmentation), bf16 autocast and
+channels_last on CUDA, checkpoints at named steps (rewind points), and a checkpoint file that
+a rerun resumes from, reaching exactly the uninterrupted run's weights.
+
+Example::
+
+    splits = fastmask.data.load("digits")
+    model = fastmask.models.create("convnet3", 10, splits.train.image_shape)
+    result = fit(model, splits.train, TrainConfig(epochs=15, lr=0.01), seed=0, eval_data=splits.test)
+    print(result.metrics["test_accuracy"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from fastmask import io
+from fastmask.data import Dataset, Loader
+from fastmask.optim import MaskedAdamW, MaskedSGD
+from fastmask.stack import Stack
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Hyperparameters of one training run (defaults: the distillation literature's evaluation)."""
+
+    optimizer: str = "sgd"  # "sgd" or "adamw"
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    batch_size: int = 256
+    epochs: float = 10.0  # ignored when steps is set
+    steps: int | None = None
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # "constant", "step" (lr x gamma at each milestone) or "cosine"
+    milestones: tuple[float, ...] = (0.5,)  # fractions of the run, for "step"
+    gamma: float = 0.1
+    augment: bool = True  # random crop (pad 4) and horizontal flip
+    flip: bool = True
+    label_smoothing: float = 0.0
+    amp: bool = True  # bf16 autocast on CUDA
+    channels_last: bool = True  # on CUDA
+
+    def __post_init__(self):
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
+        if self.schedule not in ("constant", "step", "cosine"):
+            raise ValueError(f"schedule must be 'constant', 'step' or 'cosine', got {self.schedule!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.steps is None and not self.epochs > 0:
+            raise ValueError(f"epochs must be positive, got {self.epochs}")
+        if self.steps is not None and self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+
+    def total_steps(self, dataset_size: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        return max(1, math.ceil(self.epochs * max(1, dataset_size // min(self.batch_size, dataset_size))))
+
+    def lr_factor(self, step: int, total: int) -> float:
+        """The multiplier of ``lr`` at ``step``: linear warm-up, then the schedule."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, total - self.warmup_steps)
+        if self.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if self.schedule == "step":
+            return self.gamma ** sum(progress >= m for m in self.milestones)
+        return 1.0
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What ``fit`` returns: per-step losses, rewind checkpoints and final metrics."""
+
+    steps: int
+    losses: list[float]  # mean training loss over models, every step
+    checkpoints: dict[int, dict[str, Tensor]]  # step -> state_dict, for the steps asked for
+    metrics: dict[str, float | list[float]]
+    examples_seen: int  # training examples consumed per model (the "training points" of a run)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig):
+    if cfg.optimizer == "sgd":
+        return MaskedSGD.from_model(model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                    nesterov=cfg.nesterov)
+    return MaskedAdamW.from_model(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def _autocast(device: torch.device, cfg: TrainConfig):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
+
+
+def _loss(logits: Tensor, targets: Tensor, label_smoothing: float) -> Tensor:
+    """Mean cross-entropy per model, summed over the models of a stack (so each model's
+    gradient is that of its own mean loss)."""
+    if logits.dim() == 2:
+        return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+    per_example = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), label_smoothing=label_smoothing,
+                                  reduction="none")
+    return per_example.view(targets.shape).mean(1).sum()
+
+
+def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int | Sequence[int] = 0, *,
+        checkpoint_steps: Sequence[int] = (), resume_file: str | Path | None = None, save_every: int = 0,
+        eval_data: Dataset | None = None, progress: bool = True, description: str = "train") -> TrainResult:
+    """Train ``model`` (or a ``Stack``) on ``data`` in place.
+
+    Args:
+        seed: the data order and augmentation seed; a sequence of K seeds for a stack of K.
+        checkpoint_steps: steps whose weights are returned in ``result.checkpoints`` (0 = before
+            the first update): the rewind points of IMP.
+        resume_file: where the training state (weights, optimizer, step, checkpoints) is saved
+            every ``save_every`` steps and at the end; if it exists, training resumes from it.
+        eval_data: evaluated at the end (``test_loss``, ``test_accuracy``; lists for a stack).
+    """
+    stacked = isinstance(model, Stack)
+    seeds = list(seed) if stacked else seed
+    if stacked and len(seeds) != model.num_models:
+        raise ValueError(f"seed must hold one seed per model ({model.num_models}), got {len(seeds)}")
+    if not stacked and not isinstance(seed, int):
+        raise TypeError("seed must be an int for a single model (a sequence is for a Stack)")
+    device = next(model.parameters()).device
+    if data.device != device:
+        raise ValueError(f"data is on {data.device} but the model is on {device}")
+    if device.type == "cuda" and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    batch_size = min(cfg.batch_size, len(data))
+    loader = Loader(data, batch_size, seeds, augment=cfg.augment, flip=cfg.flip)
+    total = cfg.total_steps(len(data))
+    optimizer = make_optimizer(model, cfg)
+    wanted = set(checkpoint_steps)
+    checkpoints: dict[int, dict[str, Tensor]] = {}
+    losses: list[float] = []
+    start = 0
+    if resume_file is not None and Path(resume_file).exists():
+        state = io.load_state(resume_file, device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, losses, checkpoints = state["step"], state["losses"], state["checkpoints"]
+
+    def save(step: int):
+        io.save_state(resume_file, {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "losses": losses, "checkpoints": checkpoints})
+
+    def snapshot(step: int):
+        if step in wanted:
+            checkpoints[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    model.train()
+    snapshot(start) if start == 0 else None
+    bar = tqdm(range(start, total), desc=description, disable=not progress, leave=False, initial=start, total=total)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * cfg.lr_factor(step, total)
+        inputs, targets = loader.batch(step)
+        with _autocast(device, cfg):
+            logits = model(inputs)
+        loss = _loss(logits, targets, cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item() / (model.num_models if stacked else 1))
+        snapshot(step + 1)
+        if resume_file is not None and save_every and (step + 1) % save_every == 0 and step + 1 < total:
+            save(step + 1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    if resume_file is not None:
+        save(total)
+    metrics = {}
+    if eval_data is not None:
+        loss, accuracy = evaluate(model, eval_data, amp=cfg.amp)
+        metrics = {"test_loss": loss, "test_accuracy": accuracy}
+    return TrainResult(total, losses, checkpoints, metrics, examples_seen=total * batch_size)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset, batch_size: int = 1024, amp: bool = True):
+    """Mean cross-entropy and accuracy of ``model`` on ``data`` (lists of K values for a Stack).
+
+    The model is evaluated in eval mode and put back in the mode it was in.
+    """
+    was_training = model.training
+    model.eval()
+    stacked = isinstance(model, Stack)
+    device = next(model.parameters()).device
+    total_loss = total_correct = 0
+    for start in range(0, len(data), batch_size):
+        inputs = data.images[start:start + batch_size]
+        targets = data.labels[start:start + batch_size]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+            logits = model(inputs, shared=True) if stacked else model(inputs)
+        logits = logits.float()
+        expanded = targets.expand(logits.shape[:-1])
+        total_loss = total_loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), expanded.reshape(-1),
+                                                  reduction="none").view(expanded.shape).sum(-1)
+        total_correct = total_correct + (logits.argmax(-1) == expanded).sum(-1)
+    model.train(was_training)
+    loss = (total_loss / len(data)).tolist()
+    accuracy = (total_correct.double() / len(data)).tolist()
+    return loss, accuracy

@@ -1,0 +1,149 @@
+"""Models, stacks of K models, and the training engine."""
+import pytest
+import torch
+
+import fastmask.models as models
+from fastmask import data
+from fastmask.stack import Stack
+from fastmask.train import TrainConfig, evaluate, fit
+import fastmask.train as train_module
+from helpers import rel_error
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load("digits")
+
+
+def masked_copies(name, shape, count, sparsity=0.3, **options):
+    built = []
+    for seed in range(count):
+        torch.manual_seed(seed)
+        model = models.create(name, 10, shape, **options)
+        for module in model.modules():
+            if hasattr(module, "set_mask"):
+                module.set_mask(torch.rand_like(module.weight) >= sparsity)
+        built.append(model)
+    return built
+
+
+@pytest.mark.parametrize("name, options", [("convnet3", {"width": 8}), ("convnet", {"width": 8, "norm": "batch"}),
+                                           ("resnet10", {"width": 4}), ("vgg11", {}), ("lenet300_100", {})])
+def test_create_builds_masked_models(name, options):
+    model = models.create(name, 10, (3, 8, 8), **options)
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+    prunable = models.prunable_parameters(model)
+    assert prunable and all(n.endswith("weight") and p.dim() >= 2 for n, p in prunable.items())
+    if name == "vgg11":
+        assert "head.weight" not in prunable  # open_lth leaves VGG's output layer dense
+
+
+def test_convnet3_has_the_published_parameter_count():
+    assert sum(p.numel() for p in models.create("convnet3", 10, (3, 32, 32)).parameters()) == 320_010
+
+
+def test_create_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="model must be one of"):
+        models.create("resnet99", 10, (3, 32, 32))
+    with pytest.raises(ValueError, match="in_shape"):
+        models.create("convnet3", 10, (32, 32))
+    with pytest.raises(ValueError, match="norm"):
+        models.create("convnet3", 10, (3, 32, 32), norm="weird")
+
+
+@pytest.mark.parametrize("name, options", [("convnet", {"width": 8, "norm": "batch"}), ("resnet10", {"width": 4}),
+                                           ("convnet3", {"width": 8}), ("mlp", {"hidden": (16,)})])
+@pytest.mark.parametrize("training", [True, False])
+def test_stack_forward_equals_each_model(name, options, training):
+    copies = masked_copies(name, (3, 8, 8), 3, **options)
+    stack = Stack(copies).train(training)
+    x = torch.randn(3, 4, 3, 8, 8)
+    expected = torch.stack([m.train(training)(x[k]) for k, m in enumerate(copies)])
+    assert rel_error(stack(x), expected) < 1e-5
+    shared = torch.randn(4, 3, 8, 8)
+    expected = torch.stack([m(shared) for m in copies])
+    assert rel_error(stack(shared, shared=True), expected) < 1e-5
+    for part, original in zip(stack.split(), copies):
+        for (key, a), b in zip(part.state_dict().items(), original.state_dict().values()):
+            assert rel_error(a, b) < 1e-5 if a.is_floating_point() else torch.equal(a, b), key
+
+
+def test_stack_rejects_mixed_architectures_and_wrong_batches():
+    with pytest.raises(ValueError, match="one architecture"):
+        Stack([models.create("convnet3", 10, (3, 8, 8), width=8), models.create("mlp", 10, (3, 8, 8))])
+    stack = Stack(masked_copies("mlp", (1, 8, 8), 2, hidden=(4,)))
+    with pytest.raises(ValueError, match="K=2"):
+        stack(torch.randn(3, 5, 1, 8, 8))
+
+
+SMALL = TrainConfig(steps=12, batch_size=32, lr=0.05, warmup_steps=2)
+
+
+def test_stack_trains_like_models_one_by_one(digits):
+    """A stack of 3 reaches the weights of 3 models trained one after another with the same seeds."""
+    copies = masked_copies("convnet3", digits.train.image_shape, 3, width=8)
+    stack = Stack(copies)
+    fit(stack, digits.train, SMALL, seed=[10, 11, 12], progress=False)
+    for k, model in enumerate(copies):
+        fit(model, digits.train, SMALL, seed=10 + k, progress=False)
+    for trained, alone in zip(stack.split(), copies):
+        for (key, a), b in zip(trained.state_dict().items(), alone.state_dict().values()):
+            if a.is_floating_point():
+                assert rel_error(a, b) < 1e-5, key
+        for module in trained.modules():
+            if hasattr(module, "mask"):
+                assert (module.weight[~module.mask] == 0).all()
+
+
+def test_resume_from_checkpoint_is_exact(digits, tmp_path, monkeypatch):
+    """Killed right after saving its state at step 6, the rerun ends with the uninterrupted weights."""
+    cfg = TrainConfig(steps=10, batch_size=32, lr=0.05)
+    torch.manual_seed(0)
+    uninterrupted = models.create("convnet3", 10, digits.train.image_shape, width=8)
+    initial = {k: v.clone() for k, v in uninterrupted.state_dict().items()}
+    full = fit(uninterrupted, digits.train, cfg, seed=3, checkpoint_steps=[0, 4], progress=False)
+
+    class Killed(Exception):
+        pass
+
+    save_state = train_module.io.save_state
+
+    def save_then_die(path, state):
+        save_state(path, state)
+        if state["step"] == 6:
+            raise Killed
+
+    resume = tmp_path / "train.pt"
+    killed = models.create("convnet3", 10, digits.train.image_shape, width=8)
+    killed.load_state_dict(initial)
+    monkeypatch.setattr(train_module.io, "save_state", save_then_die)
+    with pytest.raises(Killed):
+        fit(killed, digits.train, cfg, seed=3, checkpoint_steps=[0, 4], resume_file=resume, save_every=3,
+            progress=False)
+    monkeypatch.undo()
+    resumed = models.create("convnet3", 10, digits.train.image_shape, width=8)  # weights come from the file
+    result = fit(resumed, digits.train, cfg, seed=3, checkpoint_steps=[0, 4], resume_file=resume, save_every=3,
+                 progress=False)
+    for key, value in uninterrupted.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    assert result.losses == full.losses
+    assert torch.equal(result.checkpoints[4]["features.0.weight"], full.checkpoints[4]["features.0.weight"])
+
+
+def test_convnet3_reaches_95_percent_on_digits(digits):
+    torch.manual_seed(0)
+    model = models.create("convnet3", 10, digits.train.image_shape)
+    result = fit(model, digits.train, TrainConfig(epochs=15, batch_size=64, lr=0.01, augment=False), seed=0,
+                 eval_data=digits.test, progress=False)
+    assert result.metrics["test_accuracy"] >= 0.95
+    loss, accuracy = evaluate(model, digits.test)
+    assert accuracy == result.metrics["test_accuracy"]
+
+
+def test_train_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="lion")
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(schedule="linear")
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=0)
