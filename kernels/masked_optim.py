@@ -12,9 +12,12 @@ Design: a multi-tensor kernel over a table of raw addresses.
 - Every element is loaded (a gather by the mask would cost more than the bytes it saves with
   random masks: a 32-byte sector holds 8 floats) and every element is stored, pruned ones as 0.0,
   so pruned weights and their state are exactly zero after each step whatever they were before.
-- Full blocks take an unmasked path and the addresses carry a 16-byte alignment hint when the
-  host has checked it (``ALIGNED``), so the loads and stores are 128-bit vectors; the last,
-  partial block of each tensor takes a bounds-masked path.
+- Full blocks take an unmasked path and the addresses carry alignment hints when the host has
+  checked them (``ALIGNED``), so the float loads and stores are 128-bit vectors; the last, partial
+  block of each tensor takes a bounds-masked path. The mask pointer is hinted to 4 bytes only, so
+  its bytes come 4 per thread like the floats and need no shuffle through shared memory (checked
+  in the sm_90 PTX: with a 16-byte hint Triton loads 16 mask bytes per thread and converts the
+  layout with 30 barriers per program).
 - Hyperparameters are runtime float arguments, read from the param group at each step, so a
   learning-rate scheduler never causes a recompilation; only the structure (momentum on/off,
   Nesterov, alignment) is ``constexpr``.
@@ -43,69 +46,53 @@ ROW = tl.constexpr(6)
 def block_size() -> int:
     """Elements per program: large on a GPU (16 per thread at 4 warps), small in the interpreter so
     that tiny test tensors still span full and partial blocks."""
-    return 32 if interpreter_on() else 2048
+    return 128 if interpreter_on() else 2048
 
 
-@triton.jit
-def _address(row, column: tl.constexpr, ALIGNED: tl.constexpr):
-    ptr = tl.load(row + column).to(tl.pointer_type(tl.float32))
-    if ALIGNED:
-        ptr = tl.multiple_of(ptr, 16)
-    return ptr
-
-
-@triton.jit
-def _load(ptr, offs, numel, FULL: tl.constexpr):
-    if FULL:
-        value = tl.load(ptr + offs)
-    else:
-        value = tl.load(ptr + offs, mask=offs < numel, other=0.0)
-    return value
-
-
-@triton.jit
-def _store(ptr, offs, numel, value, FULL: tl.constexpr):
-    if FULL:
-        tl.store(ptr + offs, value)
-    else:
-        tl.store(ptr + offs, value, mask=offs < numel)
-
-
-@triton.jit
-def _load_keep(row, offs, numel, ALIGNED: tl.constexpr, FULL: tl.constexpr, BLOCK: tl.constexpr):
-    """The block's mask as booleans; a zero address marks a dense tensor (everything kept)."""
-    mask_address = tl.load(row + MASK)
-    # The test is made on a block, not on the scalar: the interpreter (triton 3.9) returns
-    # comparisons of loaded scalars as integers, which tl.load rejects as a mask.
-    has_mask = (tl.zeros([BLOCK], tl.int64) + mask_address) != 0
-    if not FULL:
-        has_mask = has_mask & (offs < numel)
-    mask_ptr = mask_address.to(tl.pointer_type(tl.int8))
-    if ALIGNED:
-        mask_ptr = tl.multiple_of(mask_ptr, 16)
-    return tl.load(mask_ptr + offs, mask=has_mask, other=1) != 0
-
+# The block helpers below are written out in one function each, not split into small helpers:
+# every nested jit call costs about a millisecond per program in the interpreter.
 
 @triton.jit
 def _sgd_block(row, offs, numel, lr, weight_decay, momentum, buf_decay, grad_scale,
                HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, ALIGNED: tl.constexpr,
                FULL: tl.constexpr, BLOCK: tl.constexpr):
-    param = _address(row, PARAM, ALIGNED)
-    grad = _address(row, GRAD, ALIGNED)
-    keep = _load_keep(row, offs, numel, ALIGNED, FULL, BLOCK)
-    p = _load(param, offs, numel, FULL)
+    # Full blocks load and store without bounds (so 128-bit vectors); the tail block with them.
+    if FULL:
+        bounds = None
+        zero = None
+    else:
+        bounds = offs < numel
+        zero = 0.0
+    param = tl.load(row + PARAM).to(tl.pointer_type(tl.float32))
+    grad = tl.load(row + GRAD).to(tl.pointer_type(tl.float32))
+    buf = tl.load(row + STATE_A).to(tl.pointer_type(tl.float32))
+    mask_address = tl.load(row + MASK)
+    mask_ptr = mask_address.to(tl.pointer_type(tl.int8))
+    if ALIGNED:
+        param = tl.multiple_of(param, 16)
+        grad = tl.multiple_of(grad, 16)
+        buf = tl.multiple_of(buf, 16)
+        mask_ptr = tl.multiple_of(mask_ptr, 4)  # 4, not 16: see the module docstring
+    # A zero mask address marks a dense tensor: nothing loaded, everything kept. The test is made
+    # on a block, not on the scalar: the interpreter (triton 3.9) returns comparisons of loaded
+    # scalars as integers, which tl.load rejects as a mask.
+    has_mask = (tl.zeros([BLOCK], tl.int64) + mask_address) != 0
+    if not FULL:
+        has_mask = has_mask & bounds
+    keep = tl.load(mask_ptr + offs, mask=has_mask, other=1) != 0
+
     # The operations and their order are torch.optim.SGD's (single-tensor path).
-    d = _load(grad, offs, numel, FULL) + weight_decay * p
+    p = tl.load(param + offs, mask=bounds, other=zero)
+    d = tl.load(grad + offs, mask=bounds, other=zero) + weight_decay * p
     if HAS_MOMENTUM:
-        buf = _address(row, STATE_A, ALIGNED)
         # A fresh (zero) buffer with buf_decay = 0, grad_scale = 1 becomes d: torch's first step.
-        b = _load(buf, offs, numel, FULL) * buf_decay + grad_scale * d
+        b = tl.load(buf + offs, mask=bounds, other=zero) * buf_decay + grad_scale * d
         if NESTEROV:
             d = d + momentum * b
         else:
             d = b
-        _store(buf, offs, numel, tl.where(keep, b, 0.0), FULL)
-    _store(param, offs, numel, tl.where(keep, p - lr * d, 0.0), FULL)
+        tl.store(buf + offs, tl.where(keep, b, 0.0), mask=bounds)
+    tl.store(param + offs, tl.where(keep, p - lr * d, 0.0), mask=bounds)
 
 
 @triton.jit(do_not_specialize=["block_base"])
@@ -126,32 +113,49 @@ def _masked_sgd_kernel(tensor_table, block_table, block_base, lr, weight_decay, 
 
 
 @triton.jit
-def _adamw_block(row, offs, numel, weight_keep, lerp_weight, beta2, one_minus_beta2, bias_correction2_sqrt, eps,
+def _adamw_block(row, offs, numel, weight_scale, lerp_weight, beta2, one_minus_beta2, bias_correction2_sqrt, eps,
                  neg_step_size, ALIGNED: tl.constexpr, FULL: tl.constexpr, BLOCK: tl.constexpr):
-    param = _address(row, PARAM, ALIGNED)
-    grad = _address(row, GRAD, ALIGNED)
-    exp_avg = _address(row, STATE_A, ALIGNED)
-    exp_avg_sq = _address(row, STATE_B, ALIGNED)
-    keep = _load_keep(row, offs, numel, ALIGNED, FULL, BLOCK)
+    if FULL:
+        bounds = None
+        zero = None
+    else:
+        bounds = offs < numel
+        zero = 0.0
+    param = tl.load(row + PARAM).to(tl.pointer_type(tl.float32))
+    grad = tl.load(row + GRAD).to(tl.pointer_type(tl.float32))
+    exp_avg = tl.load(row + STATE_A).to(tl.pointer_type(tl.float32))
+    exp_avg_sq = tl.load(row + STATE_B).to(tl.pointer_type(tl.float32))
+    mask_address = tl.load(row + MASK)
+    mask_ptr = mask_address.to(tl.pointer_type(tl.int8))
+    if ALIGNED:
+        param = tl.multiple_of(param, 16)
+        grad = tl.multiple_of(grad, 16)
+        exp_avg = tl.multiple_of(exp_avg, 16)
+        exp_avg_sq = tl.multiple_of(exp_avg_sq, 16)
+        mask_ptr = tl.multiple_of(mask_ptr, 4)  # 4, not 16: see the module docstring
+    has_mask = (tl.zeros([BLOCK], tl.int64) + mask_address) != 0  # see _sgd_block
+    if not FULL:
+        has_mask = has_mask & bounds
+    keep = tl.load(mask_ptr + offs, mask=has_mask, other=1) != 0
+
     # The operations and their order are torch.optim.AdamW's (single-tensor path, CPU formulas);
     # division and square root are IEEE-rounded, as torch's, not the fast approximations.
-    p = _load(param, offs, numel, FULL) * weight_keep
-    g = _load(grad, offs, numel, FULL)
-    m = _load(exp_avg, offs, numel, FULL)
-    # torch.lerp switches formula at weight 0.5 for accuracy near both ends. (The test is made on a
-    # block: see _load_keep.)
+    p = tl.load(param + offs, mask=bounds, other=zero) * weight_scale
+    g = tl.load(grad + offs, mask=bounds, other=zero)
+    m = tl.load(exp_avg + offs, mask=bounds, other=zero)
+    # torch.lerp switches formula at weight 0.5 for accuracy near both ends (block test: see above).
     small_weight = (tl.zeros([BLOCK], tl.float32) + lerp_weight) < 0.5
     m = tl.where(small_weight, m + lerp_weight * (g - m), g - (g - m) * (1.0 - lerp_weight))
-    v = _load(exp_avg_sq, offs, numel, FULL) * beta2 + one_minus_beta2 * g * g
+    v = tl.load(exp_avg_sq + offs, mask=bounds, other=zero) * beta2 + one_minus_beta2 * g * g
     denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
     p = p + tl.div_rn(neg_step_size * m, denom)
-    _store(exp_avg, offs, numel, tl.where(keep, m, 0.0), FULL)
-    _store(exp_avg_sq, offs, numel, tl.where(keep, v, 0.0), FULL)
-    _store(param, offs, numel, tl.where(keep, p, 0.0), FULL)
+    tl.store(exp_avg + offs, tl.where(keep, m, 0.0), mask=bounds)
+    tl.store(exp_avg_sq + offs, tl.where(keep, v, 0.0), mask=bounds)
+    tl.store(param + offs, tl.where(keep, p, 0.0), mask=bounds)
 
 
 @triton.jit(do_not_specialize=["block_base"])
-def _masked_adamw_kernel(tensor_table, block_table, block_base, weight_keep, lerp_weight, beta2, one_minus_beta2,
+def _masked_adamw_kernel(tensor_table, block_table, block_base, weight_scale, lerp_weight, beta2, one_minus_beta2,
                          bias_correction2_sqrt, eps, neg_step_size, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     block = block_base + tl.program_id(0)
     row = tensor_table + tl.load(block_table + 2 * block) * ROW
@@ -159,10 +163,10 @@ def _masked_adamw_kernel(tensor_table, block_table, block_base, weight_keep, ler
     numel = tl.load(row + NUMEL)
     offs = start + tl.arange(0, BLOCK)
     if start + BLOCK <= numel:
-        _adamw_block(row, offs, numel, weight_keep, lerp_weight, beta2, one_minus_beta2, bias_correction2_sqrt,
+        _adamw_block(row, offs, numel, weight_scale, lerp_weight, beta2, one_minus_beta2, bias_correction2_sqrt,
                      eps, neg_step_size, ALIGNED, True, BLOCK)
     else:
-        _adamw_block(row, offs, numel, weight_keep, lerp_weight, beta2, one_minus_beta2, bias_correction2_sqrt,
+        _adamw_block(row, offs, numel, weight_scale, lerp_weight, beta2, one_minus_beta2, bias_correction2_sqrt,
                      eps, neg_step_size, ALIGNED, False, BLOCK)
 
 
@@ -171,8 +175,8 @@ class TensorTable:
 
     ``rows`` lists, per tensor, (param, grad, state_a, state_b, mask) with ``None`` for an absent
     state or a dense tensor. All tensors must be float32 (the mask bool), dense in memory, and a
-    row's tensors must share one memory layout (the kernel walks them as flat arrays).
-    ``block_starts()`` gives the first block of each row, for launching a contiguous run of rows.
+    row's tensors must share one memory layout (the kernel walks them as flat arrays). A run of
+    consecutive rows is launched on its own through ``block_range``.
     """
 
     def __init__(self, rows: list[tuple], device: torch.device):
@@ -198,7 +202,7 @@ class TensorTable:
         if grads is not None:
             self.rows = [(row[0], g, *row[2:]) for row, g in zip(self.rows, grads)]
         addresses = [[0 if t is None else t.data_ptr() for t in row] + [n] for row, n in zip(self.rows, self.numels)]
-        self.aligned = all(a % 16 == 0 for row in addresses for a in row[:NUMEL.value])
+        self.aligned = all(address % 16 == 0 for row in addresses for address in row[:-1])
         # A new tensor each time: a kernel still queued may be reading the previous one.
         self.table = torch.tensor(addresses, dtype=torch.int64).to(self.device, non_blocking=True)
 
@@ -226,7 +230,7 @@ def masked_sgd_step(table: TensorTable, first_row: int, end_row: int, *, lr: flo
     )
 
 
-def masked_adamw_step(table: TensorTable, first_row: int, end_row: int, *, step: int, lr: float,
+def masked_adamw_step(table: TensorTable, first_row: int, end_row: int, *, step: float, lr: float,
                       betas: tuple[float, float], eps: float, weight_decay: float) -> None:
     """One masked AdamW step, in place, over rows [first_row, end_row), whose step count (after
     this step's increment) is ``step``: one launch. Scalars are formed as torch forms them."""
