@@ -1,0 +1,521 @@
+"""Curvature of the mean training loss: the Hutchinson estimate of the Hessian diagonal, its
+trace, per-layer summaries, and the top eigenvalue by power iteration.
+
+The Hessian is that of the mean loss over all of ``data`` with respect to the model's trainable
+parameters, with normalisation layers in eval mode (running statistics, nothing updated).
+Hutchinson: for Rademacher probes z (entries +-1), E[z * Hz] = diag(H) and E[z^T H z] = tr(H);
+each estimate comes with its standard error over the probes.
+
+How it runs: probes are drawn from a counter-based generator (Philox4x32-10 keyed by the seed),
+so probe p is the same whatever the batching; ``probe_batch`` probes go through one
+Hessian-vector product at a time (``torch.func``: vmap over forward-over-reverse ``jvp(grad)``,
+or over reverse-over-reverse ``vjp(grad)`` where forward-mode AD is missing for an op); z * Hz
+is folded into running per-entry means and variances in one pass. On CUDA the probes and the
+accumulation are Triton kernels (``fastmask.kernels.hutchinson``); elsewhere the torch references
+below, which draw the very same probes.
+
+Masked models: a parameter ``weight`` whose module has a ``mask`` buffer of its shape (fastmask's
+``MaskedConv2d`` / ``MaskedLinear``), or a parameter ``<name>_orig`` with a ``<name>_mask`` buffer
+(``torch.nn.utils.prune``), is probed on its unpruned entries only: its pruned entries report a
+diagonal of 0 and are left out of the trace and the summaries.
+
+Example::
+
+    from fastmask.hessian import hessian_diag, top_eigenvalue
+    loss_fn = torch.nn.functional.cross_entropy
+    batches = [(x[i:i + 256], y[i:i + 256]) for i in range(0, len(x), 256)]
+    h = hessian_diag(model, loss_fn, batches, num_probes=100, seed=0)
+    print(h.trace, "+-", h.trace_stderr, h.layers["conv1"].mean)
+    lam = top_eigenvalue(model, loss_fn, batches, iters=100)
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vjp, vmap
+
+from fastmask import backend
+
+__all__ = [
+    "HessianDiag", "LayerSummary", "hessian_diag", "top_eigenvalue",
+    "philox4x32", "rademacher_probes", "rademacher_probes_reference",
+    "accumulate_probes", "accumulate_probes_reference",
+]
+
+# ----------------------------------------------------------------------------- probes
+
+# Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", 2011), the
+# generator of triton's tl.philox. The reference draws the same bits with 64-bit integer torch
+# ops so that the CPU path and the kernels agree probe for probe: results do not depend on the
+# backend, and the kernel is tested for equality, not for distribution.
+PHILOX_ROUND_A = 0xD2511F53
+PHILOX_ROUND_B = 0xCD9E8D57
+PHILOX_KEY_A = 0x9E3779B9
+PHILOX_KEY_B = 0xBB67AE85
+_UINT32 = 0xFFFFFFFF
+_REFERENCE_CHUNK = 1 << 22  # counters per step of the reference generator (bounds its memory)
+
+
+def _mulhilo32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """High and low 32 bits of the 64-bit product a * b (uint32 values held in int64), computed
+    on 16-bit halves so that no intermediate overflows int64."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    low = a_lo * b_lo
+    middle = a_hi * b_lo + a_lo * b_hi + (low >> 16)
+    return a_hi * b_hi + (middle >> 16), ((middle & 0xFFFF) << 16) | (low & 0xFFFF)
+
+
+def philox4x32(seed: int, c0, c1, c2, c3, rounds: int = 10) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Philox4x32 with key (seed mod 2^32, seed div 2^32) on counters c0..c3 (int64 tensors or
+    ints holding uint32 values; they broadcast). Returns four int64 tensors of uint32 values,
+    equal to triton's ``tl.philox(seed, c0, c1, c2, c3)``."""
+    k0, k1 = seed & _UINT32, (seed >> 32) & _UINT32
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) for c in (c0, c1, c2, c3))
+    for _ in range(rounds):
+        hi_b, lo_b = _mulhilo32(PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo32(PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + PHILOX_KEY_A) & _UINT32, (k1 + PHILOX_KEY_B) & _UINT32
+    return c0, c1, c2, c3
+
+
+def rademacher_probes_reference(seed: int, first_probe: int, num_probes: int, n: int,
+                                mask: Optional[Tensor] = None, dtype: torch.dtype = torch.float32,
+                                device="cpu") -> Tensor:
+    """Probes ``first_probe .. first_probe + num_probes - 1``, [num_probes, n]: entry e of probe p
+    is +1 or -1 by the top bit of ``philox4x32(seed, e mod 2^32, e div 2^32, p, 0)[0]``, and 0
+    where the boolean ``mask`` [n] is False. The torch reference of ``rademacher_probes``."""
+    out = torch.empty((num_probes, n), dtype=dtype, device=device)
+    probes = torch.arange(first_probe, first_probe + num_probes, dtype=torch.int64, device=device)[:, None]
+    step = max(1, _REFERENCE_CHUNK // num_probes)
+    for start in range(0, n, step):
+        entries = torch.arange(start, min(n, start + step), dtype=torch.int64, device=device)[None, :]
+        bits = philox4x32(seed, entries & _UINT32, entries >> 32, probes, 0)[0]
+        out[:, start:start + entries.shape[1]] = 1 - 2 * (bits >> 31)
+    if mask is not None:
+        out.mul_(mask)
+    return out
+
+
+def rademacher_probes(seed: int, first_probe: int, num_probes: int, n: int, mask: Optional[Tensor] = None,
+                      dtype: torch.dtype = torch.float32, device="cpu") -> Tensor:
+    """Rademacher probes ``first_probe .. first_probe + num_probes - 1`` as [num_probes, n], 0 where
+    ``mask`` is False: the Triton kernel or the bit-identical torch reference (``fastmask.backend``)."""
+    device = torch.device(device)
+    if backend.use_triton(torch.empty(0, dtype=dtype, device=device)):
+        from fastmask.kernels import hutchinson
+
+        return hutchinson.rademacher(seed, first_probe, num_probes, n, mask, dtype, device)
+    return rademacher_probes_reference(seed, first_probe, num_probes, n, mask, dtype, device)
+
+
+def accumulate_probes_reference(z: Tensor, hz: Tensor, count: int, mean: Tensor, m2: Tensor):
+    """Merge the samples x = z * Hz (rows of [P, n]) into running statistics of ``count`` samples
+    per entry (``mean``, ``m2`` = sum of squared deviations, [n]) by Chan's parallel rule.
+    Returns (mean, m2, probe_sums [P]). The torch reference of ``accumulate_probes``."""
+    x = z.to(mean.dtype) * hz.to(mean.dtype)
+    num_probes = x.shape[0]
+    batch_mean = x.mean(dim=0)
+    batch_m2 = (x - batch_mean).square_().sum(dim=0)
+    total = count + num_probes
+    delta = batch_mean - mean
+    return (mean + delta * (num_probes / total), m2 + batch_m2 + delta.square() * (count * num_probes / total),
+            x.sum(dim=1))
+
+
+def accumulate_probes(z: Tensor, hz: Tensor, count: int, mean: Tensor, m2: Tensor):
+    """``accumulate_probes_reference`` fused into one pass over z and Hz on the Triton path."""
+    if backend.use_triton(z, hz, mean, m2, kernel_dtypes=(torch.float32,)):
+        from fastmask.kernels import hutchinson
+
+        return hutchinson.welford_update(z, hz, count, mean, m2)
+    return accumulate_probes_reference(z, hz, count, mean, m2)
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    """The Hessian diagonal over one module's parameters (unpruned entries only)."""
+
+    parameters: tuple[str, ...]
+    num_entries: int
+    total: float          # sum of the diagonal: this layer's part of the trace
+    mean: float
+    max: float
+    mass_fraction: float  # total / the sum over all layers
+
+
+@dataclass(frozen=True)
+class HessianDiag:
+    """A Hutchinson estimate of the Hessian diagonal of the mean loss.
+
+    ``diag`` and ``stderr`` map each trainable parameter's name to a tensor of its shape (float32,
+    or float64 for float64 models; 0 at pruned entries). ``layers`` maps each module that owns
+    trainable parameters (its qualified name; ``""`` for the root module) to a ``LayerSummary``.
+    """
+
+    diag: dict[str, Tensor]
+    stderr: dict[str, Tensor]
+    trace: float
+    trace_stderr: float
+    num_probes: int
+    num_entries: int  # unpruned entries probed
+    diag_mean: float
+    diag_max: float
+    layers: dict[str, LayerSummary]
+
+    def summary(self) -> dict:
+        """The scalars stored in a run's ``results.json``."""
+        return {"trace": self.trace, "trace_stderr": self.trace_stderr, "diag_mean": self.diag_mean,
+                "diag_max": self.diag_max, "num_probes": self.num_probes}
+
+
+# ----------------------------------------------------------------------------- the operator
+
+
+def _parameter_mask(owner: nn.Module, leaf: str, param: Tensor) -> Optional[Tensor]:
+    """The pruning mask of ``owner.<leaf>``, duck-typed: a ``mask`` buffer beside ``weight``, or
+    torch.nn.utils.prune's ``<name>_mask`` beside ``<name>_orig``."""
+    buffers = dict(owner.named_buffers(recurse=False))
+    if leaf == "weight":
+        mask = buffers.get("mask")
+    elif leaf.endswith("_orig"):
+        mask = buffers.get(leaf[: -len("_orig")] + "_mask")
+    else:
+        return None
+    if mask is None or mask.shape != param.shape:
+        return None
+    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+        raise ValueError(f"model: the mask of {leaf!r} in {type(owner).__name__} must be boolean or 0/1")
+    return mask != 0
+
+
+class _MeanLossHessian:
+    """The Hessian of the mean loss over all of ``data`` with respect to the trainable parameters,
+    applied to flat vectors: ``apply(v)`` maps [P, n] to [P, n], entries in ``named_parameters``
+    order. The model must already be in eval mode.
+
+    ``MODES``: the ways to form the products, tried in order on the first batch (the next one
+    where a transform fails for some op of the model): forward-over-reverse ``jvp(grad)`` (the
+    default, as curvlinops) and reverse-over-reverse ``vjp(grad)``.
+    """
+
+    MODES = ("forward-over-reverse", "reverse-over-reverse")
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, data: Iterable):
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("model: has no trainable parameters")
+        devices = {p.device for _, p in named}
+        if len(devices) > 1:
+            raise ValueError(f"model: parameters on several devices {sorted(map(str, devices))}")
+        for name, p in named:
+            if not p.is_floating_point():
+                raise TypeError(f"model: parameter {name!r} is {p.dtype}; need a real floating dtype")
+        nonfinite = [name for name, p in named if not torch.isfinite(p).all()]
+        if nonfinite:
+            raise ValueError(f"model: parameters with NaN or Inf: {nonfinite}")
+        self.model, self.loss_fn = model, loss_fn
+        # a one-shot iterator is kept: every probe batch passes over all of the data
+        self.data = list(data) if iter(data) is data else data
+        self.device = devices.pop()
+        self.names = [name for name, _ in named]
+        self.params = {name: p.detach() for name, p in named}
+        self.shapes = [p.shape for _, p in named]
+        self.numels = [p.numel() for _, p in named]
+        self.n = sum(self.numels)
+        # statistics in float32 at least: one bf16 rounding per probe would swamp the mean
+        self.dtype = torch.float64 if any(p.dtype == torch.float64 for _, p in named) else torch.float32
+        masks = []
+        for name, p in named:
+            module_name, _, leaf = name.rpartition(".")
+            masks.append(_parameter_mask(model.get_submodule(module_name), leaf, p))
+        self.mask = None
+        if any(m is not None for m in masks):
+            self.mask = torch.cat([(torch.ones_like(p, dtype=torch.bool) if m is None else m).reshape(-1)
+                                   for (_, p), m in zip(named, masks)])
+        self.mode = None  # the first of MODES that works on the first batch
+
+    def unflatten(self, flat: Tensor, copy: bool = False) -> dict[str, Tensor]:
+        """[..., n] -> {name: [..., *shape]}: views of ``flat``, or separate tensors with ``copy``."""
+        pieces = torch.split(flat, self.numels, dim=-1)
+        return {name: piece.unflatten(-1, shape).clone() if copy else piece.unflatten(-1, shape)
+                for name, piece, shape in zip(self.names, pieces, self.shapes)}
+
+    def _batch_products(self, inputs, targets, tangents: dict[str, Tensor], mode: str) -> dict[str, Tensor]:
+        """batch size * H_batch v for each of the vmapped tangents (H_batch: of this batch's mean loss)."""
+        size = inputs.shape[0]
+
+        def batch_loss(params):
+            loss = self.loss_fn(functional_call(self.model, params, (inputs,)), targets)
+            if not isinstance(loss, Tensor) or loss.dim() != 0:
+                raise ValueError("loss_fn: must return the mean loss as a scalar tensor")
+            return loss * size
+
+        if mode == "forward-over-reverse":
+            return vmap(lambda v: jvp(grad(batch_loss), (self.params,), (v,))[1])(tangents)
+        _, product = vjp(grad(batch_loss), self.params)  # one forward and backward, then P double backwards
+        return vmap(product)(tangents)[0]
+
+    def _products(self, inputs, targets, tangents):
+        if self.mode is not None:
+            return self._batch_products(inputs, targets, tangents, self.mode)
+        for mode, fallback in zip(self.MODES, self.MODES[1:]):
+            try:
+                out = self._batch_products(inputs, targets, tangents, mode)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except RuntimeError as err:  # an op without a forward-mode derivative or a vmap rule
+                warnings.warn(f"{mode} Hessian-vector products failed ({err}); using {fallback}",
+                              RuntimeWarning, stacklevel=4)
+            else:
+                self.mode = mode
+                return out
+        self.mode = self.MODES[-1]
+        return self._batch_products(inputs, targets, tangents, self.mode)
+
+    def apply(self, vectors: Tensor) -> Tensor:
+        """H v for each row v of ``vectors`` [P, n] (in ``self.dtype``), as [P, n] in ``self.dtype``."""
+        num_vectors = vectors.shape[0]
+        tangents = {name: t.to(self.params[name].dtype) for name, t in self.unflatten(vectors).items()}
+        total, samples = None, 0
+        for batch in self.data:
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                raise TypeError("data: every batch must be an (inputs, targets) pair")
+            inputs, targets = batch
+            if not isinstance(inputs, Tensor):
+                raise TypeError(f"data: inputs must be tensors, got {type(inputs).__name__}")
+            inputs = inputs.to(self.device)
+            if isinstance(targets, Tensor):
+                targets = targets.to(self.device)
+            products = self._products(inputs, targets, tangents)
+            flat = torch.cat([products[name].reshape(num_vectors, -1).to(self.dtype) for name in self.names], dim=1)
+            total = flat if total is None else total.add_(flat)
+            samples += inputs.shape[0]
+        if total is None or samples == 0:
+            raise ValueError("data: holds no samples")
+        return total.div_(samples)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Every module in eval mode for the block, each module's own mode restored after."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+class _ProbeBatcher:
+    """Sizes of the successive probe batches.
+
+    A given ``probe_batch`` is used as is; without one, the CPU uses ``CPU_PROBE_BATCH`` and CUDA
+    measures: the first two batches hold 1 and 2 probes (real probes, nothing is wasted), their
+    peak memory gives the cost of one more probe, and the rest go in batches that fill
+    ``MEMORY_FRACTION`` of the free memory. This resets CUDA's peak-memory statistics.
+    """
+
+    CPU_PROBE_BATCH = 16
+    MEMORY_FRACTION = 0.8
+
+    def __init__(self, probe_batch: Optional[int], num_probes: int, device: torch.device):
+        self.num_probes, self.device = num_probes, device
+        self.measuring = probe_batch is None and device.type == "cuda"
+        self.size = probe_batch if probe_batch is not None else self.CPU_PROBE_BATCH
+        self.peaks: list[tuple[int, int]] = []  # (probes, peak bytes above the start)
+
+    def next_size(self, done: int) -> int:
+        remaining = self.num_probes - done
+        if self.measuring and len(self.peaks) < 2:
+            return min(len(self.peaks) + 1, remaining)
+        return min(self.size, remaining)
+
+    @contextlib.contextmanager
+    def measure(self, size: int):
+        if not (self.measuring and len(self.peaks) < 2):
+            yield
+            return
+        torch.cuda.reset_peak_memory_stats(self.device)
+        start = torch.cuda.memory_allocated(self.device)
+        yield
+        self.peaks.append((size, torch.cuda.max_memory_allocated(self.device) - start))
+        if len(self.peaks) == 2:
+            self.size = self._fitting_size()
+
+    def _fitting_size(self) -> int:
+        (p1, peak1), (p2, peak2) = self.peaks
+        # the first batch may also hold one-time allocations (workspaces): then its whole peak per probe
+        per_probe = (peak2 - peak1) / (p2 - p1) if peak2 > peak1 else peak1 / p1
+        fixed = max(peak1 - per_probe * p1, 0)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return max(1, int((self.MEMORY_FRACTION * (free + cached) - fixed) // max(per_probe, 1)))
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _check_int(name: str, value, low: int, high: Optional[int] = None):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < low or (high is not None and value >= high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high})"
+        raise ValueError(f"{name}: must be {bound}, got {value}")
+
+
+def _check_callables(model, loss_fn):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError("loss_fn: expected a callable loss_fn(outputs, targets)")
+
+
+def _summarise(op: _MeanLossHessian, mean: Tensor) -> tuple[dict[str, LayerSummary], int, float, float]:
+    """Per-module summaries of the flat diagonal ``mean`` over unpruned entries, and the overall
+    number of entries, mean and max."""
+    offsets = [0]
+    for numel in op.numels:
+        offsets.append(offsets[-1] + numel)
+    groups: dict[str, list[int]] = {}
+    for index, name in enumerate(op.names):
+        groups.setdefault(name.rpartition(".")[0], []).append(index)
+    raw = {}
+    for layer, indices in groups.items():
+        values = torch.cat([mean[offsets[i]:offsets[i + 1]] for i in indices])
+        if op.mask is not None:
+            values = values[torch.cat([op.mask[offsets[i]:offsets[i + 1]] for i in indices])]
+        count = values.numel()
+        total = values.sum().item()
+        raw[layer] = (tuple(op.names[i] for i in indices), count, total,
+                      values.max().item() if count else math.nan)
+    grand_total = sum(total for _, _, total, _ in raw.values())
+    num_entries = sum(count for _, count, _, _ in raw.values())
+    layers = {layer: LayerSummary(parameters=names, num_entries=count, total=total,
+                                  mean=total / count if count else math.nan, max=largest,
+                                  mass_fraction=total / grand_total if grand_total else math.nan)
+              for layer, (names, count, total, largest) in raw.items()}
+    maxima = [s.max for s in layers.values() if s.num_entries]
+    return (layers, num_entries, grand_total / num_entries if num_entries else math.nan,
+            max(maxima) if maxima else math.nan)
+
+
+def hessian_diag(model: nn.Module, loss_fn: Callable, data: Iterable, num_probes: int = 100,
+                 probe_batch: Optional[int] = None, seed: int = 0) -> HessianDiag:
+    """Hutchinson estimate of the diagonal of the Hessian of the mean loss over all of ``data``.
+
+    Args:
+        model: any ``nn.Module``, in any floating dtype (statistics kept in float32, or float64
+            for float64 models). Put in eval mode for the computation, its modes restored after.
+        loss_fn: ``loss_fn(outputs, targets)`` -> the mean loss of a batch (a scalar tensor).
+        data: an iterable of ``(inputs, targets)`` batches, iterated once per probe batch (a
+            one-shot iterator is first gathered into a list). Batches are weighted by their size
+            and moved to the model's device.
+        num_probes: Rademacher probes, at least 2 (the standard errors need two).
+        probe_batch: probes per Hessian-vector product; by default chosen to fit the free GPU
+            memory on CUDA (see ``_ProbeBatcher``) and 16 on the CPU. Does not change the probes.
+        seed: the generator's key, in [0, 2^63). The same seed gives the same probes.
+
+    Returns:
+        ``HessianDiag``: per-entry ``diag`` and ``stderr`` (sqrt(sample variance / num_probes)),
+        ``trace`` (mean over probes of the sum of z * Hz over unpruned entries) and its
+        ``trace_stderr``, overall and per-layer summaries.
+
+    Example::
+
+        h = hessian_diag(model, torch.nn.functional.cross_entropy, [(x, y)], num_probes=64)
+        h.diag["fc.weight"], h.trace, h.trace_stderr, h.layers["fc"].mass_fraction
+    """
+    _check_callables(model, loss_fn)
+    _check_int("num_probes", num_probes, 2, 1 << 32)
+    if probe_batch is not None:
+        _check_int("probe_batch", probe_batch, 1)
+    _check_int("seed", seed, 0, 1 << 63)
+    with _eval_mode(model), torch.no_grad():
+        op = _MeanLossHessian(model, loss_fn, data)
+        batcher = _ProbeBatcher(probe_batch, num_probes, op.device)
+        mean = torch.zeros(op.n, dtype=op.dtype, device=op.device)
+        m2 = torch.zeros_like(mean)
+        probe_values = []
+        done = 0
+        while done < num_probes:
+            size = batcher.next_size(done)
+            with batcher.measure(size):
+                z = rademacher_probes(seed, done, size, op.n, op.mask, op.dtype, op.device)
+                hz = op.apply(z)
+                mean, m2, sums = accumulate_probes(z, hz, done, mean, m2)
+                del z, hz
+            probe_values.append(sums)
+            done += size
+        values = torch.cat(probe_values)
+        if not torch.isfinite(values).all():
+            raise ValueError("data: the Hessian-vector products are not finite (NaN or Inf in data, "
+                             "loss_fn or the model's outputs)")
+        # M2 is a sum of squares; Chan's merge can leave it a rounding below 0
+        stderr = (m2.clamp_min(0) / ((num_probes - 1) * num_probes)).sqrt()
+        layers, num_entries, diag_mean, diag_max = _summarise(op, mean)
+        # separate tensors, not views of one buffer: safetensors refuses to save shared storage
+        return HessianDiag(diag=op.unflatten(mean, copy=True), stderr=op.unflatten(stderr, copy=True),
+                           trace=values.mean().item(),
+                           trace_stderr=(values.std() / math.sqrt(num_probes)).item(), num_probes=num_probes,
+                           num_entries=num_entries, diag_mean=diag_mean, diag_max=diag_max, layers=layers)
+
+
+def top_eigenvalue(model: nn.Module, loss_fn: Callable, data: Iterable, iters: int = 100, tol: float = 1e-4,
+                   seed: int = 0, return_vector: bool = False):
+    """The eigenvalue of largest magnitude of the Hessian of the mean loss, by power iteration on
+    Hessian-vector products (restricted to unpruned entries for masked models).
+
+    Starts from the Rademacher probe 0 of ``seed`` (normalised); each step takes the Rayleigh
+    quotient v^T H v and v <- Hv / |Hv|; stops when the quotient changes by at most ``tol`` times
+    its magnitude, or after ``iters`` products. ``model``, ``loss_fn`` and ``data`` are as in
+    ``hessian_diag``.
+
+    Returns the eigenvalue (a float), or ``(eigenvalue, vector)`` with ``return_vector``: the
+    unit eigenvector as {parameter name: tensor}.
+
+    Example::
+
+        lam = top_eigenvalue(model, torch.nn.functional.cross_entropy, [(x, y)], iters=50)
+    """
+    _check_callables(model, loss_fn)
+    _check_int("iters", iters, 1)
+    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:
+        raise ValueError(f"tol: must be a number >= 0, got {tol!r}")
+    _check_int("seed", seed, 0, 1 << 63)
+    with _eval_mode(model), torch.no_grad():
+        op = _MeanLossHessian(model, loss_fn, data)
+        v = rademacher_probes(seed, 0, 1, op.n, op.mask, op.dtype, op.device)
+        v /= v.norm()
+        value = None
+        for _ in range(iters):
+            hv = op.apply(v)
+            if op.mask is not None:
+                hv.mul_(op.mask)
+            quotient = (v * hv).sum().item()
+            norm = hv.norm()
+            if not math.isfinite(quotient):
+                raise ValueError("data: the Hessian-vector products are not finite (NaN or Inf in data, "
+                                 "loss_fn or the model's outputs)")
+            if norm == 0:  # v is in the null space: H restricted to the probed entries may be 0
+                value = 0.0
+                break
+            v = hv / norm
+            converged = value is not None and abs(quotient - value) <= tol * abs(quotient)
+            value = quotient
+            if converged:
+                break
+        if return_vector:
+            return value, op.unflatten(v[0], copy=True)
+        return value
