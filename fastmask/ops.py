@@ -2,7 +2,10 @@
 
 ``masked_conv2d(x, w, m)`` is ``F.conv2d(x, w * m)`` and ``masked_linear(x, w, m)`` is
 ``F.linear(x, w * m)``, with the same gradients (the weight's gradient is zero where the mask
-is 0). The stacked forms run K models of one architecture in one kernel launch.
+is 0). The stacked forms run K models of one architecture in one kernel launch. The
+interpolated forms (``interpolated_masked_conv2d`` / ``interpolated_masked_linear``, forward only)
+run the K networks ``(1 - alpha_k) * a + alpha_k * b`` between two weight sets, forming each
+interpolated masked weight inside the kernel's tile loads (linear mode connectivity, ``fastmask.lmc``).
 
 Where each call runs (see ``fastmask.backend``):
 
@@ -266,6 +269,18 @@ def _conv_backward(ctx, grad):
 _conv_op.register_autograd(_conv_backward, setup_context=_conv_setup)
 
 
+def _stacked_conv_input(input: Tensor, K: int, holder: str, channels: int, groups: int) -> Tensor:
+    """``input`` as ``[K or 1, N, C, H, W]``, checked against K models (held by ``holder``) of ``channels`` inputs."""
+    if input.dim() not in (4, 5):
+        raise ValueError(f"input must be [K, N, C, H, W] or [N, C, H, W], got shape {tuple(input.shape)}")
+    x = input if input.dim() == 5 else input.unsqueeze(0)
+    if x.shape[0] not in (1, K):
+        raise ValueError(f"input holds {x.shape[0]} models but {holder} holds {K}")
+    if x.shape[2] != channels:
+        raise ValueError(f"input has {x.shape[2]} channels but weight expects {channels} (groups={groups})")
+    return x
+
+
 def stacked_masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None,
                           stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
     """Masked conv2d of K models at once: ``y[k] = F.conv2d(x[k], weight[k] * mask[k], bias[k], ...)``.
@@ -283,15 +298,8 @@ def stacked_masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Opt
     _check_float("weight", weight)
     if weight.dim() != 5:
         raise ValueError(f"weight must be [K, O, C/groups, R, S] (5-d), got shape {tuple(weight.shape)}")
-    if input.dim() not in (4, 5):
-        raise ValueError(f"input must be [K, N, C, H, W] or [N, C, H, W], got shape {tuple(input.shape)}")
-    x = input if input.dim() == 5 else input.unsqueeze(0)
     K = weight.shape[0]
-    if x.shape[0] not in (1, K):
-        raise ValueError(f"input holds {x.shape[0]} models but weight holds {K}")
-    if x.shape[2] != weight.shape[2] * groups:
-        raise ValueError(f"input has {x.shape[2]} channels but weight expects {weight.shape[2] * groups} "
-                         f"(groups={groups})")
+    x = _stacked_conv_input(input, K, "weight", weight.shape[2] * groups, groups)
     if bias is not None and tuple(bias.shape) != (K, weight.shape[1]):
         raise ValueError(f"bias must have shape {(K, weight.shape[1])}, got {tuple(bias.shape)}")
     _check_devices(input=input, weight=weight, mask=mask, bias=bias)
@@ -407,6 +415,18 @@ def _linear_backward(ctx, grad):
 _linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
+def _stacked_linear_input(input: Tensor, K: int, holder: str, in_features: int) -> Tensor:
+    """``input`` as ``[K or 1, B, in]``, checked against K models (held by ``holder``) of ``in_features`` inputs."""
+    if input.dim() not in (2, 3):
+        raise ValueError(f"input must be [K, B, in] or [B, in], got shape {tuple(input.shape)}")
+    x = input if input.dim() == 3 else input.unsqueeze(0)
+    if x.shape[0] not in (1, K):
+        raise ValueError(f"input holds {x.shape[0]} models but {holder} holds {K}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"input has {x.shape[-1]} features but weight expects {in_features}")
+    return x
+
+
 def stacked_masked_linear(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """Masked linear of K models at once: ``y[k] = F.linear(x[k], weight[k] * mask[k], bias[k])``.
 
@@ -421,14 +441,8 @@ def stacked_masked_linear(input: Tensor, weight: Tensor, mask: Tensor, bias: Opt
     _check_float("weight", weight)
     if weight.dim() != 3:
         raise ValueError(f"weight must be [K, out, in] (3-d), got shape {tuple(weight.shape)}")
-    if input.dim() not in (2, 3):
-        raise ValueError(f"input must be [K, B, in] or [B, in], got shape {tuple(input.shape)}")
-    x = input if input.dim() == 3 else input.unsqueeze(0)
     K, out_features, in_features = weight.shape
-    if x.shape[0] not in (1, K):
-        raise ValueError(f"input holds {x.shape[0]} models but weight holds {K}")
-    if x.shape[-1] != in_features:
-        raise ValueError(f"input has {x.shape[-1]} features but weight expects {in_features}")
+    x = _stacked_linear_input(input, K, "weight", in_features)
     if bias is not None and tuple(bias.shape) != (K, out_features):
         raise ValueError(f"bias must have shape {(K, out_features)}, got {tuple(bias.shape)}")
     _check_devices(input=input, weight=weight, mask=mask, bias=bias)
@@ -461,3 +475,184 @@ def masked_linear(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Te
     y = stacked_masked_linear(input.reshape(1, -1, input.shape[-1]), weight.unsqueeze(0), mask.unsqueeze(0),
                               None if bias is None else bias.unsqueeze(0))
     return y.reshape(*lead, weight.shape[0])
+
+
+# ----------------------------------------------------------------------------- interpolated (multi-alpha) forms
+
+
+def interpolate_weights(weight_a: Tensor, weight_b: Tensor, alphas: Tensor) -> Tensor:
+    """``[K, ...]``: ``(1 - alphas[k]) * weight_a + alphas[k] * weight_b`` for ``weight_a`` / ``weight_b``
+    of one shape ``[1, ...]``, computed in at least float32 and returned in ``weight_a``'s dtype.
+
+    The kernels form exactly this in their tile loads; it is exact at alpha 0 and 1.
+    """
+    compute = torch.promote_types(weight_a.dtype, torch.float32)
+    a = alphas.to(compute).view(-1, *([1] * (weight_a.dim() - 1)))
+    return ((1 - a) * weight_a.to(compute) + a * weight_b.to(compute)).to(weight_a.dtype)
+
+
+def interpolated_conv2d_reference(x, w_a, w_b, m, alphas, bias_a, bias_b, stride, padding, dilation, groups=1):
+    """The interpolated conv in plain torch (the K weight sets materialised): x [K or 1, N, C, H, W],
+    w_a / w_b / m [1, O, C/g, R, S], alphas [K], biases [1, O] or None -> [K, N, O, OH, OW]."""
+    bias = None if bias_a is None else interpolate_weights(bias_a, bias_b, alphas)
+    return conv2d_reference(x, interpolate_weights(w_a, w_b, alphas), m, bias, stride, padding, dilation, groups)
+
+
+def interpolated_linear_reference(x, w_a, w_b, m, alphas, bias_a, bias_b):
+    """The interpolated linear in plain torch: x [K or 1, B, in], w_a / w_b / m [1, out, in],
+    alphas [K], biases [1, out] or None -> [K, B, out]."""
+    bias = None if bias_a is None else interpolate_weights(bias_a, bias_b, alphas)
+    return linear_reference(x, interpolate_weights(w_a, w_b, alphas), m, bias)
+
+
+def _laid_out_like(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` with ``like``'s strides (copied only when they differ): the kernels address both with one set."""
+    if t.stride() == like.stride():
+        return t
+    return torch.empty_strided(like.shape, like.stride(), dtype=t.dtype, device=t.device).copy_(t)
+
+
+@torch.library.custom_op("fastmask::interpolated_masked_conv2d", mutates_args=())
+def _interpolated_conv_op(x: Tensor, w_a: Tensor, w_b: Tensor, m: Tensor, alphas: Tensor, bias_a: Optional[Tensor],
+                          bias_b: Optional[Tensor], stride: List[int], padding: List[int],
+                          dilation: List[int]) -> Tensor:
+    from fastmask.kernels import masked_conv
+
+    tf32 = _allow_tf32_conv()
+    key = _key(x, w_a, m, alphas, extra=("interpolated_conv_fwd", bias_a is None, *stride, *padding, *dilation, tf32))
+    return _pick(key, {
+        "triton": lambda: masked_conv.conv_forward(x, w_a, m, bias_a, stride, padding, dilation, tf32,
+                                                   w_b=_laid_out_like(w_b, w_a),
+                                                   bias_b=None if bias_b is None else _laid_out_like(bias_b, bias_a),
+                                                   alphas=alphas),
+        "torch": lambda: interpolated_conv2d_reference(x, w_a, w_b, m, alphas, bias_a, bias_b, stride, padding,
+                                                       dilation),
+    })()
+
+
+@_interpolated_conv_op.register_fake
+def _(x, w_a, w_b, m, alphas, bias_a, bias_b, stride, padding, dilation):
+    from fastmask.kernels.masked_conv import output_size, stacked_empty
+
+    O, _, R, S = w_a.shape[1:]
+    OH = output_size(x.shape[3], R, stride[0], padding[0], padding[1], dilation[0])
+    OW = output_size(x.shape[4], S, stride[1], padding[2], padding[3], dilation[1])
+    return stacked_empty((alphas.shape[0], x.shape[1], O, OH, OW), x)
+
+
+@torch.library.custom_op("fastmask::interpolated_masked_linear", mutates_args=())
+def _interpolated_linear_op(x: Tensor, w_a: Tensor, w_b: Tensor, m: Tensor, alphas: Tensor, bias_a: Optional[Tensor],
+                            bias_b: Optional[Tensor]) -> Tensor:
+    from fastmask.kernels import masked_matmul
+
+    tf32 = _allow_tf32_matmul()
+    return _pick(_key(x, w_a, m, alphas, extra=("interpolated_linear_fwd", bias_a is None, tf32)), {
+        "triton": lambda: masked_matmul.interpolated_linear_forward(
+            x, w_a, _laid_out_like(w_b, w_a), m, bias_a, None if bias_b is None else _laid_out_like(bias_b, bias_a),
+            alphas, tf32),
+        "torch": lambda: interpolated_linear_reference(x, w_a, w_b, m, alphas, bias_a, bias_b),
+    })()
+
+
+@_interpolated_linear_op.register_fake
+def _(x, w_a, w_b, m, alphas, bias_a, bias_b):
+    return x.new_empty((alphas.shape[0], x.shape[1], w_a.shape[1]))
+
+
+def _interpolation_args(weight_a: Tensor, weight_b: Tensor, mask: Tensor, alphas, bias_a: Optional[Tensor],
+                        bias_b: Optional[Tensor], dims: int, layout: str) -> tuple[Tensor, Tensor]:
+    """Checks shared by the interpolated conv and linear; returns (boolean mask, alphas as a 1-d tensor)."""
+    _check_float("weight_a", weight_a)
+    _check_float("weight_b", weight_b)
+    if weight_a.dim() != dims:
+        raise ValueError(f"weight_a must be {layout} ({dims}-d), got shape {tuple(weight_a.shape)}")
+    if weight_b.shape != weight_a.shape or weight_b.dtype != weight_a.dtype:
+        raise ValueError(f"weight_b ({tuple(weight_b.shape)}, {weight_b.dtype}) must match weight_a "
+                         f"({tuple(weight_a.shape)}, {weight_a.dtype})")
+    alphas = torch.as_tensor(alphas, device=weight_a.device)  # a list, or a tensor brought to the weights' device
+    if alphas.dim() != 1 or alphas.numel() == 0 or not alphas.is_floating_point():
+        raise ValueError(f"alphas must be a non-empty 1-d floating tensor, got {alphas.dtype} of shape "
+                         f"{tuple(alphas.shape)}")
+    if (bias_a is None) != (bias_b is None):
+        raise ValueError("bias_a and bias_b must be given together (or neither)")
+    for name, bias in (("bias_a", bias_a), ("bias_b", bias_b)):
+        if bias is not None and tuple(bias.shape) != (weight_a.shape[0],):
+            raise ValueError(f"{name} must have shape {(weight_a.shape[0],)}, got {tuple(bias.shape)}")
+    return check_mask(mask, weight_a.shape), alphas
+
+
+def interpolated_masked_conv2d(input: Tensor, weight_a: Tensor, weight_b: Tensor, mask: Tensor, alphas,
+                               bias_a: Optional[Tensor] = None, bias_b: Optional[Tensor] = None,
+                               stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
+    """Masked conv2d of the K networks on the segment between two weight sets, in one launch:
+    ``y[k] = F.conv2d(x[k], ((1 - a_k) * weight_a + a_k * weight_b) * mask, (1 - a_k) * bias_a + a_k * bias_b)``
+    with ``a_k = alphas[k]``.
+
+    The interpolated weights are formed inside the kernel's tile loads from one copy of each
+    weight set: the K weight sets are never materialised. Forward only (evaluation: no autograd).
+
+    Args:
+        input: ``[K, N, C, H, W]`` (one batch per alpha) or ``[N, C, H, W]`` (shared by all K).
+        weight_a, weight_b: ``[O, C // groups, R, S]``, one shape and dtype.
+        mask: boolean (or 0/1) of the weights' shape, applied to every interpolated weight.
+        alphas: ``[K]`` floating (a tensor or a list).
+        bias_a, bias_b: ``[O]`` each, or both None.
+        stride, padding, dilation, groups: as ``F.conv2d``; padding also ``'same'`` / ``'valid'``.
+
+    Returns ``[K, N, O, OH, OW]``.
+
+    Example::
+
+        wa, wb = torch.randn(16, 3, 3, 3), torch.randn(16, 3, 3, 3)
+        m = torch.rand(16, 3, 3, 3) > 0.5
+        y = interpolated_masked_conv2d(torch.randn(8, 3, 32, 32), wa, wb, m, torch.linspace(0, 1, 30), padding=1)
+    """
+    _check_float("input", input)
+    mask, alphas = _interpolation_args(weight_a, weight_b, mask, alphas, bias_a, bias_b, 4, "[O, C/groups, R, S]")
+    K = alphas.shape[0]
+    x = _stacked_conv_input(input, K, "alphas", weight_a.shape[1] * groups, groups)
+    _check_devices(input=input, weight_a=weight_a, weight_b=weight_b, mask=mask, bias_a=bias_a, bias_b=bias_b)
+    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    pads = _conv_padding(padding, tuple(weight_a.shape[-2:]), stride, dilation)
+    x, w_a, w_b, bias_a, bias_b = _autocast(x, weight_a, weight_b, bias_a, bias_b)
+    if x.dtype != w_a.dtype:
+        raise TypeError(f"input ({x.dtype}) and weight_a ({w_a.dtype}) must have one dtype")
+    w_a, w_b, m = w_a.unsqueeze(0), w_b.unsqueeze(0), mask.unsqueeze(0)
+    bias_a = None if bias_a is None else bias_a.unsqueeze(0)
+    bias_b = None if bias_b is None else bias_b.unsqueeze(0)
+    if groups != 1 or torch._C._are_functorch_transforms_active() or not backend.use_triton(x, w_a):
+        return interpolated_conv2d_reference(x, w_a, w_b, m, alphas, bias_a, bias_b, stride, pads, dilation, groups)
+    return _interpolated_conv_op(x, w_a, w_b, m, alphas.float().contiguous(), bias_a, bias_b, list(stride), pads,
+                                 list(dilation))
+
+
+def interpolated_masked_linear(input: Tensor, weight_a: Tensor, weight_b: Tensor, mask: Tensor, alphas,
+                               bias_a: Optional[Tensor] = None, bias_b: Optional[Tensor] = None) -> Tensor:
+    """Masked linear of the K networks on the segment between two weight sets, in one launch:
+    ``y[k] = F.linear(x[k], ((1 - a_k) * weight_a + a_k * weight_b) * mask, (1 - a_k) * bias_a + a_k * bias_b)``.
+
+    Args:
+        input: ``[K, B, in]`` (one batch per alpha) or ``[B, in]`` (shared by all K).
+        weight_a, weight_b: ``[out, in]``; mask: boolean (or 0/1) of that shape; alphas: ``[K]``.
+        bias_a, bias_b: ``[out]`` each, or both None.
+
+    Returns ``[K, B, out]``. Forward only; the K weight sets are formed in the tile loads.
+
+    Example::
+
+        y = interpolated_masked_linear(torch.randn(4, 10), torch.randn(3, 10), torch.randn(3, 10),
+                                       torch.rand(3, 10) > 0.5, [0.0, 0.5, 1.0])        # [3, 4, 3]
+    """
+    _check_float("input", input)
+    mask, alphas = _interpolation_args(weight_a, weight_b, mask, alphas, bias_a, bias_b, 2, "[out, in]")
+    x = _stacked_linear_input(input, alphas.shape[0], "alphas", weight_a.shape[1])
+    _check_devices(input=input, weight_a=weight_a, weight_b=weight_b, mask=mask, bias_a=bias_a, bias_b=bias_b)
+    x, w_a, w_b, bias_a, bias_b = _autocast(x, weight_a, weight_b, bias_a, bias_b)
+    if x.dtype != w_a.dtype:
+        raise TypeError(f"input ({x.dtype}) and weight_a ({w_a.dtype}) must have one dtype")
+    w_a, w_b, m = w_a.unsqueeze(0), w_b.unsqueeze(0), mask.unsqueeze(0)
+    bias_a = None if bias_a is None else bias_a.unsqueeze(0)
+    bias_b = None if bias_b is None else bias_b.unsqueeze(0)
+    if torch._C._are_functorch_transforms_active() or not backend.use_triton(x, w_a):
+        return interpolated_linear_reference(x, w_a, w_b, m, alphas, bias_a, bias_b)
+    return _interpolated_linear_op(x, w_a, w_b, m, alphas.float().contiguous(), bias_a, bias_b)

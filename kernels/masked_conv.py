@@ -8,6 +8,11 @@ output size, which the launcher receives. Reductions run over (r, s, c) so conse
 read consecutive channels of channels_last tensors.
 
 Shapes: x [K, N, C, H, W], w/m [K, O, C, R, S] (m may have K=1), y [K, N, O, OH, OW].
+
+The forward kernel also evaluates K linear interpolations of two weight sets (linear mode
+connectivity): with ``INTERPOLATE``, model k's weight is ``(1 - alphas[k]) * w + alphas[k] * w_b``
+and its bias ``(1 - alphas[k]) * bias + alphas[k] * bias_b``, formed in the tile loads from one
+copy of each (w, w_b [1, O, C, R, S]), so the K interpolated weight sets never exist in memory.
 """
 import torch
 import triton
@@ -17,10 +22,10 @@ from fastmask.kernels import _alloc
 from fastmask.kernels._config import dot_precision, matmul_configs, upcast_operands
 
 
-@triton.autotune(configs=matmul_configs(), key=["N", "C", "H", "W", "O", "R", "S", "PRECISION"])
+@triton.autotune(configs=matmul_configs(), key=["N", "C", "H", "W", "O", "R", "S", "PRECISION", "INTERPOLATE"])
 @triton.jit
 def conv_forward_kernel(
-    x_ptr, w_ptr, m_ptr, bias_ptr, y_ptr,
+    x_ptr, w_ptr, m_ptr, bias_ptr, y_ptr, w_b_ptr, bias_b_ptr, alpha_ptr,
     N, C, H, W, O, OH, OW, R, S,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sxk, sxn, sxc, sxh, sxw,
@@ -28,9 +33,10 @@ def conv_forward_kernel(
     smk, smo, smc, smr, sms,
     sbk, sbo,
     syk, syn, syo, syh, syw,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INTERPOLATE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # With INTERPOLATE, w_b / bias_b share w's / bias's strides and alpha_ptr holds the K alphas.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     k = tl.program_id(2).to(tl.int64)
@@ -44,6 +50,9 @@ def conv_forward_kernel(
     x_base = x_ptr + k * sxk + n[:, None] * sxn
     w_base = w_ptr + k * swk + offs_o[None, :] * swo
     m_base = m_ptr + k * smk + offs_o[None, :] * smo
+    if INTERPOLATE:
+        alpha = tl.load(alpha_ptr + k).to(tl.float32)
+        w_b_base = w_b_ptr + k * swk + offs_o[None, :] * swo
     CRS = C * R * S
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, CRS, BLOCK_K):
@@ -59,6 +68,9 @@ def conv_forward_kernel(
         w_ok = in_k[:, None] & in_o[None, :]
         w_off = c[:, None] * swc + r[:, None] * swr + s[:, None] * sws
         wt = tl.load(w_base + w_off, mask=w_ok, other=0.0)
+        if INTERPOLATE:
+            wt_b = tl.load(w_b_base + w_off, mask=w_ok, other=0.0)
+            wt = ((1.0 - alpha) * wt.to(tl.float32) + alpha * wt_b.to(tl.float32)).to(w_ptr.dtype.element_ty)
         keep = tl.load(m_base + c[:, None] * smc + r[:, None] * smr + s[:, None] * sms, mask=w_ok, other=0)
         wt = tl.where(keep != 0, wt, tl.zeros_like(wt))
         if UPCAST:
@@ -66,7 +78,11 @@ def conv_forward_kernel(
             wt = wt.to(tl.float32)
         acc = tl.dot(x, wt, acc, input_precision=PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + k * sbk + offs_o * sbo, mask=in_o, other=0.0)[None, :].to(tl.float32)
+        bias = tl.load(bias_ptr + k * sbk + offs_o * sbo, mask=in_o, other=0.0).to(tl.float32)
+        if INTERPOLATE:
+            bias_b = tl.load(bias_b_ptr + k * sbk + offs_o * sbo, mask=in_o, other=0.0).to(tl.float32)
+            bias = (1.0 - alpha) * bias + alpha * bias_b
+        acc += bias[None, :]
     y = y_ptr + k * syk + n[:, None] * syn + offs_o[None, :] * syo + oh[:, None] * syh + ow[:, None] * syw
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=in_m[:, None] & in_o[None, :])
 
@@ -193,24 +209,32 @@ def output_size(size, kernel, stride, pad_lo, pad_hi, dilation):
     return (size + pad_lo + pad_hi - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def conv_forward(x, w, m, bias, stride, padding, dilation, allow_tf32):
-    """y [K, N, O, OH, OW] in x's memory format. padding = (top, bottom, left, right)."""
-    K, O, C, R, S = w.shape
+def conv_forward(x, w, m, bias, stride, padding, dilation, allow_tf32, w_b=None, bias_b=None, alphas=None):
+    """y [K, N, O, OH, OW] in x's memory format. padding = (top, bottom, left, right).
+
+    With ``alphas`` [K] (float32): the K interpolations of ``w``/``w_b`` (both [1, O, C, R, S], one
+    layout) and of ``bias``/``bias_b`` (both [1, O], one layout, or None), as the module docstring says.
+    """
+    O, C, R, S = w.shape[1:]
+    K = w.shape[0] if alphas is None else alphas.shape[0]
     N, _, H, W = x.shape[1:]
     OH = output_size(H, R, stride[0], padding[0], padding[1], dilation[0])
     OW = output_size(W, S, stride[1], padding[2], padding[3], dilation[1])
     y = stacked_empty((K, N, O, OH, OW), x)
     bias_t = bias if bias is not None else y
-    bias_strides = bias.stride() if bias is not None else (0, 0)
+    bias_strides = (0 if bias.shape[0] == 1 else bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
+    interpolate = alphas is not None
 
     def grid(meta):
         return triton.cdiv(N * OH * OW, meta["BLOCK_M"]), triton.cdiv(O, meta["BLOCK_N"]), K
 
     conv_forward_kernel[grid](
-        x, w, m, bias_t, y, N, C, H, W, O, OH, OW, R, S,
+        x, w, m, bias_t, y, w_b if interpolate else w, bias_b if interpolate and bias is not None else bias_t,
+        alphas if interpolate else y, N, C, H, W, O, OH, OW, R, S,
         stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-        *_strides5(x, K), *w.stride(), *_strides5(m, K), *bias_strides, *y.stride(),
-        HAS_BIAS=bias is not None, UPCAST=upcast_operands(x.dtype), PRECISION=dot_precision(x.dtype, allow_tf32),
+        *_strides5(x, K), *_strides5(w, K), *_strides5(m, K), *bias_strides, *y.stride(),
+        HAS_BIAS=bias is not None, INTERPOLATE=interpolate, UPCAST=upcast_operands(x.dtype),
+        PRECISION=dot_precision(x.dtype, allow_tf32),
     )
     return y
 
