@@ -8,7 +8,7 @@ Example::
 """
 from importlib.metadata import PackageNotFoundError, version
 
-from fastmask import backend, nn, ops
+from fastmask import backend, data, distill, hessian, landscape, lmc, models, nn, ops, optim, prune, stack, train
 from fastmask.nn import sparsify
 
 try:
@@ -16,4 +16,5 @@ try:
 except PackageNotFoundError:  # imported from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["backend", "nn", "ops", "sparsify", "__version__"]
+__all__ = ["backend", "data", "distill", "hessian", "landscape", "lmc", "models", "nn", "ops", "optim", "prune",
+           "sparsify", "stack", "train", "__version__"]
