@@ -14,13 +14,14 @@ def _info(args) -> int:
 
 
 def _run(args) -> int:
-    from fastmask import pipeline
+    from fastmask import distributed, pipeline
 
     folder = pipeline.run(
         config_file=args.config, out=args.out, preset=args.preset, overrides=args.overrides,
         force=args.force, quiet=args.quiet,
     )
-    print(f"report: {folder / 'report.md'}")
+    if distributed.is_main():
+        print(f"report: {folder / 'report.md'}")
     return 0
 
 
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as error:
+    except (ValueError, TypeError, FileNotFoundError) as error:
         if args.debug:
             raise
         print(f"fastmask: error: {error}", file=sys.stderr)

@@ -13,6 +13,13 @@ Every file is written atomically. A rerun skips the finished stages and resumes 
 unfinished one (dense training from its last saved step, IMP from its last finished round and
 retraining), and ends with the same results (timings aside): every random choice is seeded.
 
+Under ``torchrun --nproc_per_node=N -m fastmask run ...`` (``fastmask.distributed``) every process
+runs this same code: dense training and IMP's rounds are data parallel, the retraining of masks
+and the per-network LMC, landscape and Hessian work (``units/<stage>/<network>.json``) are spread
+over the ranks, distillation runs on every rank (rank 0's set is kept), and only rank 0 writes
+shared files. The results equal a single process's up to float summation order (BatchNorm
+models: up to the per-process batch statistics).
+
 Example::
 
     from fastmask import pipeline
@@ -32,7 +39,7 @@ import yaml
 
 import fastmask
 from fastmask import data as data_module
-from fastmask import io, models, prune
+from fastmask import distributed, io, models, prune
 from fastmask.config import PipelineConfig, load_config, to_dict
 from fastmask.train import evaluate, fit
 
@@ -69,12 +76,14 @@ class Run:
     """A run folder: its config, results and the stages' files."""
 
     def __init__(self, folder: Path, cfg: PipelineConfig, device: torch.device, splits, progress: bool):
-        self.folder, self.cfg, self.device, self.splits, self.progress = folder, cfg, device, splits, progress
+        self.folder, self.cfg, self.device, self.splits = folder, cfg, device, splits
+        self.progress = progress and distributed.is_main()
         results_file = folder / "results.json"
         self.results = json.loads(results_file.read_text()) if results_file.exists() else {
             "fastmask_version": fastmask.__version__, "config": to_dict(cfg),
             "device": {"type": device.type, "name": _device_name(device)}, "stages": {}, "timings": {},
             "completed": []}
+        self.results = distributed.broadcast_object(self.results)  # rank 0's view: every rank resumes alike
 
     def path(self, *parts: str) -> Path:
         path = self.folder.joinpath(*parts)
@@ -82,19 +91,24 @@ class Run:
         return path
 
     def finish(self, stage: str, result: dict, seconds: float):
+        # Every rank keeps rank 0's result (the one written), so that the next stages agree.
+        result, seconds = distributed.broadcast_object((result, seconds))
         self.results["stages"][stage] = result
         self.results["timings"][stage] = seconds
         self.results["completed"].append(stage)
         self.log({"stage": stage, "seconds": seconds})
-        io.write_json(self.path("results.json"), self.results)
+        if distributed.is_main():
+            io.write_json(self.path("results.json"), self.results)
 
     def log(self, event: dict):
+        if not distributed.is_main():
+            return
         file = self.path("metrics.jsonl")
         lines = file.read_text() if file.exists() else ""
         io.write_text(file, lines + json.dumps({"time": time.time(), **event}) + "\n")
 
     def say(self, text: str):
-        if not self.progress:
+        if not self.progress and distributed.is_main():
             print(f"[fastmask] {text}", flush=True)
 
 
@@ -118,7 +132,7 @@ def _claim_folder(folder: Path, cfg: PipelineConfig, force: bool):
             (folder / stale).unlink(missing_ok=True)
         import shutil
 
-        for sub in ("checkpoints", "plots", "imp_real", "imp_distilled", "imp_random"):
+        for sub in ("checkpoints", "plots", "imp_real", "imp_distilled", "imp_random", "units"):
             shutil.rmtree(folder / sub, ignore_errors=True)
         (folder / "distilled.safetensors").unlink(missing_ok=True)
     io.write_text(config_file, text)
@@ -128,9 +142,12 @@ def run(config_file=None, out=None, preset=None, overrides=(), force: bool = Fal
     """Run (or resume) the pipeline into ``out``; returns the folder. See the module docstring."""
     cfg = load_config(preset, config_file, list(overrides))
     device = resolve_device(cfg.device)
+    distributed.init(device)  # under torchrun: join the other processes
+    device = distributed.local_device(device)  # and take this process's GPU
     splits = load_data(cfg, device)  # a missing or malformed dataset fails before anything is written
     folder = Path(out) if out else Path("runs") / (preset or "digits-convnet3")
-    _claim_folder(folder, cfg, force)
+    distributed.main_only(lambda: _claim_folder(folder, cfg, force))
+    distributed.require_shared(folder / "config.yaml")
     state = Run(folder, cfg, device, splits, progress=not quiet)
     for stage in STAGES:
         if stage in state.results["completed"]:
@@ -141,7 +158,7 @@ def run(config_file=None, out=None, preset=None, overrides=(), force: bool = Fal
         state.finish(stage, result, time.perf_counter() - start)
     from fastmask import report
 
-    report.write_report(folder)
+    distributed.main_only(lambda: report.write_report(folder))
     return folder
 
 
@@ -164,8 +181,11 @@ def stage_distill(run: Run) -> dict:
     synthetic = distill.distill(cfg.distill.method, run.splits.train, cfg.distill.images_per_class, seed=cfg.seed,
                                 **method_options)
     seconds = time.perf_counter() - start
-    synthetic.save(run.path("distilled.safetensors"))
-    synthetic.save_grid(run.path("plots", "distilled.png"))
+    if distributed.is_main():
+        synthetic.save(run.path("distilled.safetensors"))
+        synthetic.save_grid(run.path("plots", "distilled.png"))
+    distributed.barrier()
+    synthetic = _synthetic(run)  # every rank distilled the same seeded set; rank 0's copy is the one kept
     scores = distill.evaluate(synthetic, cfg.model.name, run.splits.test, seeds=tuple(range(cfg.distill.eval_seeds)),
                               cfg=cfg.inner_train, model_options=_model_options(cfg))
     return {"method": cfg.distill.method, "images_per_class": cfg.distill.images_per_class,
@@ -179,12 +199,14 @@ def _model_options(cfg: PipelineConfig) -> dict:
 
 def stage_dense(run: Run) -> dict:
     model = build_model(run.cfg, run.splits).to(run.device)
-    io.save_tensors(run.path("checkpoints", "init.safetensors"), model.state_dict())
+    if distributed.is_main():
+        io.save_tensors(run.path("checkpoints", "init.safetensors"), model.state_dict())
     start = time.perf_counter()
     result = fit(model, run.splits.train, run.cfg.train, seed=run.cfg.seed, eval_data=run.splits.test,
                  resume_file=run.path("checkpoints", "dense_training.pt"), save_every=200, progress=run.progress,
-                 description="dense")
-    io.save_tensors(run.path("checkpoints", "dense.safetensors"), model.state_dict())
+                 description="dense")  # data parallel under torchrun
+    if distributed.is_main():
+        io.save_tensors(run.path("checkpoints", "dense.safetensors"), model.state_dict())
     return {"test_accuracy": result.metrics["test_accuracy"], "test_loss": result.metrics["test_loss"],
             "steps": result.steps, "seconds": time.perf_counter() - start}
 
@@ -235,8 +257,8 @@ def stage_lmc(run: Run) -> dict:
 
     cfg = run.cfg
     has_batch_norm = any(isinstance(m, torch.nn.BatchNorm2d) for m in build_model(cfg, run.splits).modules())
-    out = {}
-    for kind in NETWORKS:
+
+    def analyse(kind: str) -> dict:  # a unit of work: one rank trains and interpolates the pair alone
         model, masks, rewind = _network(run, kind)
         result = lmc.instability(model, masks, rewind, run.splits, cfg.train, seeds=cfg.lmc.seeds, alphas=cfg.lmc.alphas,
                                  bn_reset=cfg.lmc.bn_reset and has_batch_norm, progress=run.progress)
@@ -251,7 +273,10 @@ def stage_lmc(run: Run) -> dict:
             entry["bn_reset"] = {"test_loss": result.test_reset.loss, "test_error": result.test_reset.error,
                                  "barrier_loss": result.test_reset.barrier_loss,
                                  "barrier_error": result.test_reset.barrier_error}
-        out[kind] = entry
+        return entry
+
+    out = distributed.map_units(NETWORKS, analyse, run.path("units", "lmc"))
+    for kind, entry in out.items():
         run.log({"stage": "lmc", "network": kind, "barrier_error": entry["barrier_error"]})
     return out
 
@@ -270,17 +295,18 @@ def stage_landscape(run: Run) -> dict:
 
     if not run.cfg.landscape.enabled:
         return {}
-    out = {}
     grid = (run.cfg.landscape.grid, run.cfg.landscape.grid)
-    for kind in NETWORKS:
+
+    def plane(kind: str) -> dict:  # a unit of work, on one rank
         model, masks, rewind = _network(run, kind)
         start = prune.apply_masks(copy.deepcopy(model), masks or {})
         start.load_state_dict({**start.state_dict(), **rewind})
         model_a, model_b = _trained_pair(run, kind)
         result = landscape.plane(start, model_a, model_b, run.splits.test, grid=grid)
         result.save_plot(run.path("plots", f"landscape_{kind}.png"))
-        out[kind] = result.to_dict()
-    return out
+        return result.to_dict()
+
+    return distributed.map_units(NETWORKS, plane, run.path("units", "landscape"))
 
 
 def stage_hessian(run: Run) -> dict:
@@ -290,15 +316,15 @@ def stage_hessian(run: Run) -> dict:
     examples = min(cfg.examples, len(run.splits.train))
     batches = [(run.splits.train.images[i:i + cfg.batch_size], run.splits.train.labels[i:i + cfg.batch_size])
                for i in range(0, examples, cfg.batch_size)]
-    out = {}
-    for kind in NETWORKS:
+
+    def diagonal(kind: str) -> dict:  # a unit of work, on one rank
         model = _trained_pair(run, kind)[0]
         result = hessian.hessian_diag(model, F.cross_entropy, batches, num_probes=cfg.num_probes, seed=run.cfg.seed)
-        diagonal = {name: d for name, d in result.diag.items()}
-        io.save_tensors(run.path("checkpoints", f"hessian_{kind}.safetensors"), diagonal)
-        out[kind] = {"trace": result.trace, "trace_stderr": result.trace_stderr, "diag_mean": result.diag_mean,
-                     "diag_max": result.diag_max, "num_probes": result.num_probes}
-    return out
+        io.save_tensors(run.path("checkpoints", f"hessian_{kind}.safetensors"), dict(result.diag))
+        return {"trace": result.trace, "trace_stderr": result.trace_stderr, "diag_mean": result.diag_mean,
+                "diag_max": result.diag_max, "num_probes": result.num_probes}
+
+    return distributed.map_units(NETWORKS, diagonal, run.path("units", "hessian"))
 
 
 STAGE_FUNCTIONS = {"distill": stage_distill, "dense": stage_dense, "imp": stage_imp, "lmc": stage_lmc,

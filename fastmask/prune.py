@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastmask import io
+from fastmask import distributed, io
 from fastmask.data import Dataset, DataSplits
 from fastmask.models import prunable_parameters
 from fastmask.nn import is_masked, sparsify
@@ -217,6 +217,9 @@ def imp(model: nn.Module, data: DataSplits, rounds: int, rate: float = 0.2, rewi
     the Data Diet setting). ``train_points_used`` counts the examples the inner loop (and the
     rewind pretraining) consumed to find each mask. With ``out_dir`` every finished round and
     retraining is saved, and a rerun resumes where the last one stopped.
+
+    Under torchrun (``fastmask.distributed``) call it on every rank: the rounds train data
+    parallel, the retraining of the other masks is dealt out over the ranks, and rank 0 writes.
     """
     if not isinstance(rounds, int) or rounds < 0:
         raise ValueError(f"rounds must be a non-negative int, got {rounds!r}")
@@ -230,7 +233,9 @@ def imp(model: nn.Module, data: DataSplits, rounds: int, rate: float = 0.2, rewi
     device = next(model.parameters()).device
     out = Path(out_dir) if out_dir is not None else None
     state_file = out / "imp_state.json" if out else None
-    state = json.loads(state_file.read_text()) if state_file and state_file.exists() else {"found": 0, "points": [0]}
+    # Rank 0's view of the folder decides where every rank resumes (see fastmask.distributed).
+    state = distributed.main_only(lambda: json.loads(state_file.read_text()) if state_file and state_file.exists()
+                                  else {"found": 0, "points": [0]})
 
     model = sparsify(copy.deepcopy(model))
     inner_data = {"real": data.train}
@@ -249,7 +254,7 @@ def imp(model: nn.Module, data: DataSplits, rounds: int, rate: float = 0.2, rewi
 
     # The rewind weights: initialisation, or the weights after rewind_step steps of pretraining.
     rewind_file = out / "rewind.safetensors" if out else None
-    if rewind_file and rewind_file.exists():
+    if rewind_file and distributed.broadcast_object(rewind_file.exists()):
         rewind = io.load_tensors(rewind_file, device)
     else:
         rewind = {k: v.clone() for k, v in model.state_dict().items()}
@@ -258,7 +263,8 @@ def imp(model: nn.Module, data: DataSplits, rounds: int, rate: float = 0.2, rewi
             fit(pretrained, pretrain_data, dataclasses.replace(retrain_cfg, steps=rewind_step), seed=seed,
                 progress=progress, description="rewind point")
             rewind = {k: v.clone() for k, v in pretrained.state_dict().items()}
-        if rewind_file:
+        distributed.broadcast_tensors(rewind)  # rank 0's copy is the one saved: every rank uses it
+        if rewind_file and distributed.is_writer():
             io.save_tensors(rewind_file, rewind)
     pretrain_points = rewind_step * min(retrain_cfg.batch_size, len(pretrain_data))
     if state["points"] == [0]:
@@ -266,7 +272,8 @@ def imp(model: nn.Module, data: DataSplits, rounds: int, rate: float = 0.2, rewi
 
     masks = [current_masks(model)] + [io.load_tensors(out / f"mask_round{r}.safetensors", device)
                                       for r in range(1, state["found"] + 1)]
-    retrained = _Retrained(out)
+    retrain_folder = out / "retrain" if out else None
+    retrained = {}  # mask index -> test accuracy, for the masks the real inner loop retrains
     # Find the masks, one pruning round at a time.
     for r in range(state["found"], rounds):
         subnetwork = apply_masks(_rewound(model, rewind), masks[r])
@@ -275,15 +282,19 @@ def imp(model: nn.Module, data: DataSplits, rounds: int, rate: float = 0.2, rewi
                      eval_data=data.test if real else None, progress=progress,
                      description=f"IMP round {r} ({schedule[r]})")
         if real:  # this training is the retraining of mask r: keep its accuracy
-            retrained.add(r, result.metrics["test_accuracy"])
+            retrained[r] = result.metrics["test_accuracy"]
+            if retrain_folder and distributed.is_writer():
+                distributed.save_unit(retrain_folder, r, retrained[r])
         masks.append(magnitude_masks(subnetwork, scope=scope, masks=masks[r], density=(1 - rate) ** (r + 1)))
+        distributed.broadcast_tensors(masks[-1])  # rank 0's mask is the one saved: every rank uses it
         state["points"].append(state["points"][-1] + result.examples_seen)
         state["found"] = r + 1
-        if out:
+        if out and distributed.is_writer():
             io.save_tensors(out / f"mask_round{r + 1}.safetensors", masks[-1])
             io.write_json(state_file, state)
 
-    accuracies = _retrain(model, rewind, masks, data, retrain_cfg, seed, retrain_stack, retrained, progress)
+    accuracies = _retrain(model, rewind, masks, data, retrain_cfg, seed, retrain_stack, retrain_folder, retrained,
+                          progress)
     records = [{"round": r, "density": density(m), "test_accuracy": accuracies[r],
                 "train_points_used": state["points"][r], "inner": schedule[r - 1] if r else "dense"}
                for r, m in enumerate(masks)]
@@ -296,37 +307,25 @@ def _rewound(model: nn.Module, rewind: dict[str, Tensor]) -> nn.Module:
     return copy_
 
 
-class _Retrained:
-    """Test accuracies of retrained masks by index, kept in ``retrain.json`` when there is a folder."""
-
-    def __init__(self, out_dir: Path | None):
-        self.file = out_dir / "retrain.json" if out_dir else None
-        saved = json.loads(self.file.read_text()) if self.file and self.file.exists() else {}
-        self.accuracy = {int(k): v for k, v in saved.items()}
-
-    def add(self, index: int, accuracy: float):
-        self.accuracy[index] = accuracy
-        if self.file:
-            io.write_json(self.file, {str(k): v for k, v in sorted(self.accuracy.items())})
-
-
 def retrain_masks(model: nn.Module, rewind: dict[str, Tensor], masks: list[dict[str, Tensor]], data: DataSplits,
                   cfg: TrainConfig, seed: int = 0, chunk: int = 4, out_dir: str | Path | None = None,
                   progress: bool = True) -> list[float]:
     """Test accuracy of each mask retrained on the real data from ``rewind``, ``chunk`` masks at a
-    time as one stack (one kernel launch per layer for all of them). With ``out_dir`` each
-    accuracy is kept in ``retrain.json`` as it is found, and a rerun skips those masks."""
-    retrained = _Retrained(Path(out_dir) if out_dir is not None else None)
-    return _retrain(model, rewind, masks, data, cfg, seed, chunk, retrained, progress)
+    time as one stack (one kernel launch per layer for all of them). Under torchrun the masks are
+    units of work dealt out over the ranks (``fastmask.distributed.map_unit_groups``). With
+    ``out_dir`` each accuracy is kept in ``out_dir/retrain/<index>.json`` as it is found, and a
+    rerun skips those masks."""
+    folder = Path(out_dir) / "retrain" if out_dir is not None else None
+    return _retrain(model, rewind, masks, data, cfg, seed, chunk, folder, {}, progress)
 
 
-def _retrain(model, rewind, masks, data, cfg, seed, chunk, retrained: _Retrained, progress) -> list[float]:
-    todo = [r for r in range(len(masks)) if r not in retrained.accuracy]
-    for start in range(0, len(todo), max(1, chunk)):
-        group = todo[start:start + chunk]
+def _retrain(model, rewind, masks, data, cfg, seed, chunk, folder: Path | None, known: dict[int, float],
+             progress) -> list[float]:
+    def train(group: list[int]) -> list[float]:
         stack = Stack([apply_masks(_rewound(model, rewind), masks[r]) for r in group]).to(data.train.device)
         result = fit(stack, data.train, cfg, seed=[seed] * len(group), eval_data=data.test, progress=progress,
                      description=f"retrain masks {group}")
-        for r, accuracy in zip(group, result.metrics["test_accuracy"]):
-            retrained.add(r, accuracy)
-    return [retrained.accuracy[r] for r in range(len(masks))]
+        return result.metrics["test_accuracy"]
+
+    accuracies = distributed.map_unit_groups(range(len(masks)), train, folder, group=max(1, chunk), known=known)
+    return [accuracies[r] for r in range(len(masks))]

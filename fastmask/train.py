@@ -6,6 +6,15 @@ then a constant, step or cosine schedule, device-resident batches from ``fastmas
 channels_last on CUDA, checkpoints at named steps (rewind points), and a checkpoint file that
 a rerun resumes from, reaching exactly the uninterrupted run's weights.
 
+Under torchrun (``fastmask.distributed.active()``) ``fit`` is data parallel: every process holds
+the dataset on its device, draws the global batch of each step (the Loader's batch is a pure
+function of the seed and the step) and keeps a contiguous slice of its rows; the model is
+wrapped in ``DistributedDataParallel``, so the gradient is that of the global batch's mean loss,
+as in one process, up to the order of the float sums. BatchNorm normalises each process's slice
+(no SyncBatchNorm); its running statistics are averaged over the processes at every save and
+checkpoint and at the end, so that every process holds the same model. Only rank 0 writes the
+resume file; every rank reads it.
+
 Example::
 
     splits = fastmask.data.load("digits")
@@ -16,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from pathlib import Path
 from typing import Sequence
@@ -25,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from fastmask import io
+from fastmask import distributed, io
 from fastmask.data import Dataset, Loader
 from fastmask.optim import MaskedAdamW, MaskedSGD
 from fastmask.stack import Stack
@@ -96,6 +106,13 @@ class TrainResult:
     examples_seen: int  # training examples consumed per model (the "training points" of a run)
 
 
+# DDP would broadcast every buffer (the masks too) at each step; fit averages the running statistics
+# at saves, checkpoints and the end instead. torch 2.13 renamed the option (the old name still works, with a warning).
+_NO_BUFFER_BROADCAST = ({"forward_sync_buffers": False}
+                        if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+                        else {"broadcast_buffers": False})
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig):
     if cfg.optimizer == "sgd":
         return MaskedSGD.from_model(model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
@@ -105,6 +122,11 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig):
 
 def _autocast(device: torch.device, cfg: TrainConfig):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
+
+
+def _rows(batch: Tensor, rows: slice, stacked: bool) -> Tensor:
+    """This process's slice of a global batch (dimension 1 of a stack's ``[K, B, ...]``)."""
+    return batch[:, rows].contiguous() if stacked else batch[rows]
 
 
 def _loss(logits: Tensor, targets: Tensor, label_smoothing: float) -> Tensor:
@@ -129,6 +151,9 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int | Sequence[
         resume_file: where the training state (weights, optimizer, step, checkpoints) is saved
             every ``save_every`` steps and at the end; if it exists, training resumes from it.
         eval_data: evaluated at the end (``test_loss``, ``test_accuracy``; lists for a stack).
+
+    Data parallel when ``fastmask.distributed.active()`` (see the module docstring): call it on
+    every rank with the same arguments; the batch size is the global one.
     """
     stacked = isinstance(model, Stack)
     seeds = list(seed) if stacked else seed
@@ -144,43 +169,70 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int | Sequence[
     batch_size = min(cfg.batch_size, len(data))
     loader = Loader(data, batch_size, seeds, augment=cfg.augment, flip=cfg.flip)
     total = cfg.total_steps(len(data))
+    parallel = distributed.active()
+    world, rank = distributed.world_size() if parallel else 1, distributed.rank() if parallel else 0
+    if batch_size < world:
+        raise ValueError(f"batch_size {batch_size} is smaller than the {world} data-parallel processes")
+    rows = slice(batch_size * rank // world, batch_size * (rank + 1) // world)
+    # The slice's mean loss times its share of the batch is its part of the global mean loss;
+    # DDP averages the gradients over the processes, so the backward pass multiplies by world too.
+    share = (rows.stop - rows.start) / batch_size
     optimizer = make_optimizer(model, cfg)
     wanted = set(checkpoint_steps)
     checkpoints: dict[int, dict[str, Tensor]] = {}
     losses: list[float] = []
     start = 0
-    if resume_file is not None and Path(resume_file).exists():
+    # Rank 0's view decides, so that no rank starts over while the others resume.
+    if resume_file is not None and distributed.broadcast_object(Path(resume_file).exists()):
         state = io.load_state(resume_file, device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, losses, checkpoints = state["step"], state["losses"], state["checkpoints"]
+    network = model
+    if parallel:
+        network = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, **_NO_BUFFER_BROADCAST)
 
     def save(step: int):
-        io.save_state(resume_file, {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "losses": losses, "checkpoints": checkpoints})
+        if distributed.is_writer():
+            io.save_state(resume_file, {"step": step, "model": model.state_dict(),
+                                        "optimizer": optimizer.state_dict(), "losses": losses,
+                                        "checkpoints": checkpoints})
 
     def snapshot(step: int):
         if step in wanted:
+            distributed.average_tensors(model.buffers())  # every rank keeps the same checkpoint
             checkpoints[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     model.train()
     snapshot(start) if start == 0 else None
-    bar = tqdm(range(start, total), desc=description, disable=not progress, leave=False, initial=start, total=total)
+    bar = tqdm(range(start, total), desc=description, disable=not progress or not distributed.is_main(), leave=False,
+               initial=start, total=total)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * cfg.lr_factor(step, total)
         inputs, targets = loader.batch(step)
+        if parallel:
+            inputs, targets = _rows(inputs, rows, stacked), _rows(targets, rows, stacked)
         with _autocast(device, cfg):
-            logits = model(inputs)
+            logits = network(inputs)
         loss = _loss(logits, targets, cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if parallel:
+            (loss * (share * world)).backward()
+            loss = loss.detach() * share
+            torch.distributed.all_reduce(loss)  # the global batch's mean loss
+        else:
+            loss.backward()
         optimizer.step()
         losses.append(loss.item() / (model.num_models if stacked else 1))
         snapshot(step + 1)
         if resume_file is not None and save_every and (step + 1) % save_every == 0 and step + 1 < total:
+            distributed.average_tensors(model.buffers())  # every rank resumes from the same statistics
             save(step + 1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    if start < total:
+        distributed.average_tensors(model.buffers())
     if resume_file is not None:
         save(total)
     metrics = {}
