@@ -1,6 +1,6 @@
 """Benchmark harness: CUDA-event medians side by side in one process, one results file per run.
 
-Every benchmark test takes the ``bench`` fixture and calls ``bench.time(name, fn)`` for each
+Every benchmark test takes the ``bench`` fixture and calls ``bench.time(fn)`` for each
 contender (fastmask, the eager reference, torch.compile of it) and ``bench.row(...)`` to record a
 comparison. On a CUDA GPU times are medians of ``triton.testing.do_bench`` (warm-up, L2 flushed
 between runs); the rows are written to ``bench/results/<date>-<gpu>.json`` at the end of the
@@ -21,6 +21,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    torch.set_num_threads(1)  # the smoke pass runs tiny shapes, where extra threads only contend
 
 RESULTS_DIR = Path(__file__).parent / "results"
 _rows: list[dict] = []
@@ -41,6 +42,20 @@ class Bench:
 
         return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
 
+    def wall_ms(self, fn) -> float:
+        """Wall-clock milliseconds of one call of a long ``fn`` (a stage, a pipeline), synchronised;
+        in smoke mode one untimed run."""
+        if self.smoke:
+            fn()
+            return float("nan")
+        import time
+
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1e3
+
     def peak_memory(self, fn) -> int:
         """Peak CUDA bytes allocated during one call of ``fn`` (0 in smoke mode)."""
         if self.smoke:
@@ -60,7 +75,9 @@ class Bench:
         _rows.append(row)
         if not self.smoke:
             print(f"\n{self.test_name} {case}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in times_ms.items())
-                  + " | " + ", ".join(f"x{v:.2f} vs {baseline} ({k})" for k, v in ratios.items()))
+                  + " | " + ", ".join(f"x{v:.2f} vs {baseline} ({k})" for k, v in ratios.items())
+                  + "".join(f" | fastmask x{v:.2f} vs {k.removeprefix('speedup_vs_')}" for k, v in extra.items()
+                            if k.startswith("speedup_vs_") and isinstance(v, float)))
 
 
 @pytest.fixture

@@ -27,8 +27,6 @@ Example::
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -41,7 +39,7 @@ import fastmask
 from fastmask import data as data_module
 from fastmask import distributed, io, models, prune
 from fastmask.config import PipelineConfig, load_config, to_dict
-from fastmask.train import evaluate, fit
+from fastmask.train import fit
 
 STAGES = ("distill", "dense", "imp", "lmc", "landscape", "hessian")
 NETWORKS = ("dense", "real", "distilled")
@@ -299,8 +297,8 @@ def stage_landscape(run: Run) -> dict:
 
     def plane(kind: str) -> dict:  # a unit of work, on one rank
         model, masks, rewind = _network(run, kind)
-        start = prune.apply_masks(copy.deepcopy(model), masks or {})
-        start.load_state_dict({**start.state_dict(), **rewind})
+        model.load_state_dict(rewind)  # the rewind state holds all-true mask buffers: set the masks after
+        start = prune.apply_masks(model, masks or {})
         model_a, model_b = _trained_pair(run, kind)
         result = landscape.plane(start, model_a, model_b, run.splits.test, grid=grid)
         result.save_plot(run.path("plots", f"landscape_{kind}.png"))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Sequence
 
@@ -34,7 +33,7 @@ from fastmask.data import Dataset, DataSplits
 from fastmask.models import prunable_parameters
 from fastmask.nn import is_masked, sparsify
 from fastmask.stack import Stack
-from fastmask.train import TrainConfig, evaluate, fit
+from fastmask.train import TrainConfig, fit
 
 INNER_DATA = ("real", "distilled", "subset", "easy")
 

@@ -1,5 +1,4 @@
 """fastmask.data: the datasets, the restricted CIFAR reader, ZCA, device-side augmentation, K-model batches."""
-import io
 import os
 import pickle
 import struct

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmask import ops
-from helpers import REL_TOL, assert_close
+from helpers import assert_close
 
 # (N, C, H, W, O, kernel, stride, padding, dilation): 1x1/3x3/5x5, stride 2, padding 0/1/same/valid,
 # dilation 2, batch 1, an even kernel with 'same' (asymmetric padding), non-square images.
