@@ -53,7 +53,7 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class DistillConfig:
-    method: str = "dm"  # dm | dsa | dc | random
+    method: str = "dm"  # dm | dsa | dc | idc | mtt | random
     images_per_class: int = 10
     iterations: int = 200
     num_networks: int = 4  # random networks per iteration, run as one stack
@@ -62,7 +62,7 @@ class DistillConfig:
     eval_seeds: int = 3  # networks trained from scratch on the set to report its accuracy
 
     def __post_init__(self):
-        _choice("method", self.method, ("dm", "dsa", "dc", "random"))
+        _choice("method", self.method, ("dm", "dsa", "dc", "idc", "mtt", "random"))
         _positive("images_per_class", self.images_per_class)
         _positive("num_networks", self.num_networks)
         _positive("batch_real", self.batch_real)

@@ -176,6 +176,8 @@ def stage_distill(run: Run) -> dict:
     method_options = {} if cfg.distill.method == "random" else {
         "model_options": _distill_model_options(cfg), "iterations": cfg.distill.iterations,
         "num_networks": cfg.distill.num_networks, "batch_real": cfg.distill.batch_real, "progress": run.progress}
+    if cfg.distill.method == "mtt":  # the expert trajectories are kept in the run folder and reused
+        method_options["buffer"] = str(run.path("experts", "buffer"))
     synthetic = distill.distill(cfg.distill.method, run.splits.train, cfg.distill.images_per_class, seed=cfg.seed,
                                 **method_options)
     seconds = time.perf_counter() - start

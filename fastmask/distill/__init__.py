@@ -3,12 +3,16 @@ the real training set.
 
 - ``distill(method, data, images_per_class, ...)`` runs one method and returns a ``SyntheticSet``:
   ``"dm"`` (distribution matching), ``"dsa"`` (gradient matching with differentiable siamese
-  augmentation), ``"dc"`` (gradient matching without augmentation), ``"random"`` (random real
-  images, the baseline every method must beat).
+  augmentation), ``"dc"`` (gradient matching without augmentation), ``"idc"`` (gradient matching
+  with multi-formation: each stored image decodes into factor**2 training images; networks trained
+  on real data meanwhile), ``"mtt"`` (matching expert training trajectories; the experts train on
+  the real data first and are kept in a folder for reuse), ``"random"`` (random real images, the
+  baseline every method must beat).
 - ``evaluate(synthetic_set, model_name, test_data, seeds)`` trains fresh networks on the
   synthetic set only and reports their test accuracy: mean and standard deviation over seeds,
   as the literature reports distilled sets.
-- ``SyntheticSet`` saves to and loads from one safetensors file and draws a PNG grid.
+- ``SyntheticSet`` saves to and loads from one safetensors file and draws a PNG grid; IDC returns
+  a ``MultiFormationSet`` (the decoded training images, and the stored canvases).
 
 Example::
 
@@ -20,6 +24,8 @@ Example::
     syn.save("dm10.safetensors")
     syn.save_grid("dm10.png")
     print(distill.evaluate(syn, "convnet3", splits.test, seeds=(0, 1, 2)))
+    idc = distill.distill("idc", splits.train, images_per_class=10)             # 40 training images per class
+    mtt = distill.distill("mtt", splits.train, images_per_class=10, buffer="run/experts")
 """
 from __future__ import annotations
 
@@ -34,12 +40,14 @@ from fastmask.data import Dataset
 from fastmask.distill.augment import DSA, STRATEGY, DSARanges
 from fastmask.distill.dm import DistributionMatching, DMConfig
 from fastmask.distill.dsa import DSAConfig, GradientMatching
+from fastmask.distill.idc import IDC, IDCConfig, MultiFormationSet
+from fastmask.distill.mtt import ExpertBuffer, MTTConfig, TrajectoryMatching
 from fastmask.distill.synthetic import SyntheticSet, random_real
 from fastmask.stack import Stack
 from fastmask.train import TrainConfig, fit
 
 METHODS = {"dm": (DistributionMatching, DMConfig), "dsa": (GradientMatching, DSAConfig),
-           "dc": (GradientMatching, DSAConfig)}
+           "dc": (GradientMatching, DSAConfig), "idc": (IDC, IDCConfig), "mtt": (TrajectoryMatching, MTTConfig)}
 
 
 def distill(method: str, data: Dataset, images_per_class: int, *, model: str = "convnet3",
@@ -49,19 +57,27 @@ def distill(method: str, data: Dataset, images_per_class: int, *, model: str = "
     ``images_per_class`` synthetic images per class with ``method``.
 
     Args:
-        method: ``"dm"``, ``"dsa"``, ``"dc"`` (``"dsa"`` without augmentation) or ``"random"``.
+        method: ``"dm"``, ``"dsa"``, ``"dc"`` (``"dsa"`` without augmentation), ``"idc"``, ``"mtt"``
+            or ``"random"``.
         model, model_options: the architecture of the random networks (``fastmask.models.create``;
             ConvNet-3 by default, as the papers).
         init: ``"real"`` (random real images of each class) or ``"noise"``.
         seed: every random choice follows from it.
-        options: the method's config fields (``DMConfig`` / ``DSAConfig``): ``iterations``,
-            ``num_networks`` (K random networks per iteration, run as one stack), ``batch_real``,
-            ``augment`` (a DSA strategy string or None), ``lr``, ``momentum``; for dsa/dc also
-            ``outer_loop``, ``inner_loop``, ``lr_net``, ``batch_train``.
+        options: the method's config fields (``DMConfig`` / ``DSAConfig`` / ``IDCConfig`` /
+            ``MTTConfig``): ``iterations``, ``num_networks`` (K random networks, or K MTT students,
+            per iteration, run as one stack), ``batch_real``, ``augment`` (a DSA strategy string or
+            None), ``lr``, ``momentum``; for dsa/dc also ``outer_loop``, ``inner_loop``, ``lr_net``,
+            ``batch_train``; for idc ``factor``, ``inner_loop``, ``train_images``, ...; for mtt
+            ``syn_steps``, ``expert_epochs``, ``max_start_epoch``, ``experts``, ``buffer`` (the
+            experts' folder), ...
+
+    Returns a ``SyntheticSet``; for ``"idc"`` a ``MultiFormationSet``, whose ``images`` are the
+    decoded training images (``images_per_class * factor**2`` per class).
 
     Example::
 
         syn = distill("dsa", splits.train, 10, iterations=1000, model_options={"width": 128})
+        mtt = distill("mtt", splits.train, 10, buffer="run/experts", experts=20)
     """
     if method == "random":
         if options:
@@ -136,5 +152,6 @@ def evaluate(synthetic_set: SyntheticSet, model_name: str, test_data: Dataset, s
     return {"mean": float(np.mean(accuracies)), "std": float(np.std(accuracies)), "accuracies": accuracies}
 
 
-__all__ = ["distill", "evaluate", "evaluation_config", "SyntheticSet", "random_real", "DSA", "DSARanges", "STRATEGY",
-           "DMConfig", "DSAConfig", "DistributionMatching", "GradientMatching", "METHODS"]
+__all__ = ["distill", "evaluate", "evaluation_config", "SyntheticSet", "MultiFormationSet", "random_real", "DSA",
+           "DSARanges", "STRATEGY", "DMConfig", "DSAConfig", "IDCConfig", "MTTConfig", "DistributionMatching",
+           "GradientMatching", "IDC", "TrajectoryMatching", "ExpertBuffer", "METHODS"]

@@ -14,9 +14,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -138,12 +140,7 @@ class Distiller:
         self.model_name, self.model_options, self.init = model, dict(model_options or {}), init
         device = data.device
         self.generator = torch.Generator(device).manual_seed(stream_seed(seed, "distill"))
-        if init == "real":
-            start = random_real(data, images_per_class, seed).images
-        else:
-            start = torch.randn((images_per_class * data.num_classes, *data.image_shape), generator=self.generator,
-                                device=device)
-        self.images = start.view(data.num_classes, images_per_class, *data.image_shape).clone().requires_grad_()
+        self.images = self.initial_images().clone().requires_grad_()
         with torch.random.fork_rng(devices=[]):  # the weights are redrawn every iteration: leave the global RNG be
             self.networks = Stack([models.create(model, data.num_classes, data.image_shape, **self.model_options)
                                    for _ in range(config.num_networks)]).to(device)
@@ -153,6 +150,17 @@ class Distiller:
         if config.augment is not None:
             self.augment = DSA(config.augment, seed=stream_seed(seed, "augment"), device=device)
         self.seconds = 0.0
+
+    def initial_images(self) -> Tensor:
+        """The images the run starts from, ``[classes, images_per_class, C, H, W]`` (a method may store
+        its images differently and override this)."""
+        data, count = self.data, self.images_per_class
+        if self.init == "real":
+            start = random_real(data, count, self.seed).images
+        else:
+            start = torch.randn((count * data.num_classes, *data.image_shape), generator=self.generator,
+                                device=data.device)
+        return start.view(data.num_classes, count, *data.image_shape)
 
     @property
     def num_networks(self) -> int:
@@ -201,6 +209,25 @@ class Distiller:
         return SyntheticSet(self.images.detach().flatten(0, 1).clone(), labels, self.num_classes, self.method,
                             self.images_per_class, data.name, data.mean, data.std, data.zca, data.classes,
                             self.hyperparameters(), self.seconds)
+
+
+def train_stack(networks: Stack, optimizer: torch.optim.Optimizer, images: Tensor, labels: Tensor, order: Tensor,
+                batch_size: int, augment: Callable[[Tensor], Tensor] | None = None) -> None:
+    """One pass of the K networks of ``networks``, each over its own sequence of examples: row k of
+    ``order`` ``[K, n]`` indexes ``images`` / ``labels`` in network k's order, ``batch_size`` at a time
+    (the last batch may be smaller). ``augment``, if given, maps each batch ``[K, B, C, H, W]``
+    (e.g. a ``DSA``: an independent draw per image). Each network's loss is its mean cross-entropy."""
+    K = order.shape[0]
+    for start in range(0, order.shape[1], batch_size):
+        index = order[:, start:start + batch_size]
+        batch = images[index]
+        if augment is not None:
+            batch = augment(batch)
+        logits = networks(batch)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels[index].flatten(), reduction="none")
+        optimizer.zero_grad(set_to_none=True)
+        loss.view(K, -1).mean(1).sum().backward()
+        optimizer.step()
 
 
 def check_positive(config, *names: str) -> None:

@@ -25,6 +25,9 @@ synthetic gradients come the same way with ``create_graph=True`` so the distance
 differentiated back to the images. Models with BatchNorm normalise each copy's batch alone
 (the reference code instead freezes BatchNorm statistics from a mixed real batch).
 
+``GradientMatcher`` holds this batched loss; ``GradientMatching`` (DC/DSA) and IDC
+(``fastmask.distill.idc``: other matched layers, another distance) build on it.
+
 Example::
 
     from fastmask.distill import distill
@@ -40,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
-from fastmask.distill.base import Distiller, MatchingConfig, check_positive, redraw
+from fastmask.distill.base import Distiller, MatchingConfig, check_positive, redraw, train_stack
 from fastmask.optim import MaskedSGD
 
 # images per class -> (outer_loop, inner_loop), from the DC/DSA code.
@@ -88,27 +91,33 @@ def gradient_distance(real: Tensor, syn: Tensor) -> Tensor:
     return (1 - cosine).sum()
 
 
-class GradientMatching(Distiller):
-    method = "dsa"
+class GradientMatcher(Distiller):
+    """The batched per-class gradient-matching loss that DC/DSA and IDC share (see the module
+    docstring); a method sets ``image_optimizer`` and may override which parameters are matched
+    (``matches``) and the per-layer distance (``distance``)."""
 
-    def __init__(self, data, images_per_class, config: DSAConfig = DSAConfig(), **options):
+    image_optimizer: torch.optim.Optimizer
+
+    def __init__(self, data, images_per_class, config: MatchingConfig, **options):
         super().__init__(data, images_per_class, config, **options)
-        if config.augment is None:
-            self.method = "dc"
-        self.outer_loop, self.inner_loop = config.loops(images_per_class)
-        self.image_optimizer = torch.optim.SGD([self.images], lr=config.lr, momentum=config.momentum)
-        self.network_optimizer = MaskedSGD.from_model(self.networks, lr=config.lr_net)
         K, classes = self.num_networks, self.num_classes
         # copy k * classes + c of the replicated networks sees class c
         self.copy_labels = torch.arange(classes, device=data.device).repeat(K)
 
-    def hyperparameters(self) -> dict:
-        return {**super().hyperparameters(), "outer_loop": self.outer_loop, "inner_loop": self.inner_loop}
+    @staticmethod
+    def matches(stacked: Tensor) -> bool:
+        """Whether a stacked parameter ``[K, ...]`` is matched: weights of two or more dimensions per model."""
+        return stacked.dim() >= 3
+
+    @staticmethod
+    def distance(real: Tensor, syn: Tensor) -> Tensor:
+        """The distance between the real and synthetic gradients ``[copies, ...]`` of one layer."""
+        return gradient_distance(real, syn)
 
     def replicated(self) -> tuple[dict[str, Tensor], list[str]]:
         """Every parameter and buffer of the K networks repeated per class (``[K * classes, ...]``),
-        detached, and the names of the matched ones (weights of two or more dimensions per model),
-        which require grad so that gradients can be taken with respect to them."""
+        detached, and the names of the matched ones (``matches``), which require grad so that
+        gradients can be taken with respect to them."""
         K, classes = self.num_networks, self.num_classes
         tensors, matched = {}, []
         for name, t in [*self.networks.model.named_parameters(), *self.networks.model.named_buffers()]:
@@ -116,10 +125,12 @@ class GradientMatching(Distiller):
                 tensors[name] = t
                 continue
             copies = t.detach().unsqueeze(1).expand(K, classes, *t.shape[1:]).reshape(K * classes, *t.shape[1:])
-            if isinstance(t, torch.nn.Parameter) and t.dim() >= 3:
+            if isinstance(t, torch.nn.Parameter) and self.matches(t):
                 copies.requires_grad_()
                 matched.append(name)
             tensors[name] = copies
+        if not matched:
+            raise ValueError(f"method {self.method!r} matches no parameter of model {self.model_name!r}")
         return tensors, matched
 
     def _copy_gradients(self, tensors, matched, images: Tensor, create_graph: bool) -> tuple[Tensor, ...]:
@@ -139,7 +150,7 @@ class GradientMatching(Distiller):
         real_grads = self._copy_gradients(tensors, matched, real.flatten(0, 1), create_graph=False)
         syn_grads = self._copy_gradients(tensors, matched, self.synthetic_batch(transform).flatten(0, 1),
                                          create_graph=True)
-        distance = sum(gradient_distance(r, s) for r, s in zip(real_grads, syn_grads))
+        distance = sum(self.distance(r, s) for r, s in zip(real_grads, syn_grads))
         return distance / self.num_networks
 
     def match(self) -> Tensor:
@@ -149,6 +160,21 @@ class GradientMatching(Distiller):
         self.image_optimizer.step()
         return loss.detach()
 
+
+class GradientMatching(GradientMatcher):
+    method = "dsa"
+
+    def __init__(self, data, images_per_class, config: DSAConfig = DSAConfig(), **options):
+        super().__init__(data, images_per_class, config, **options)
+        if config.augment is None:
+            self.method = "dc"
+        self.outer_loop, self.inner_loop = config.loops(images_per_class)
+        self.image_optimizer = torch.optim.SGD([self.images], lr=config.lr, momentum=config.momentum)
+        self.network_optimizer = MaskedSGD.from_model(self.networks, lr=config.lr_net)
+
+    def hyperparameters(self) -> dict:
+        return {**super().hyperparameters(), "outer_loop": self.outer_loop, "inner_loop": self.inner_loop}
+
     def train_networks(self, epochs: int) -> None:
         """``epochs`` passes of each network over the synthetic set, each network its own order and
         augmentation (an independent draw per image), batches of ``batch_train``."""
@@ -157,16 +183,8 @@ class GradientMatching(Distiller):
         K, total = self.num_networks, images.shape[0]
         for _ in range(epochs):
             order = torch.rand(K, total, generator=self.generator, device=images.device).argsort(-1)
-            for start in range(0, total, self.config.batch_train):
-                index = order[:, start:start + self.config.batch_train]
-                batch = images[index]
-                if self.augment is not None:
-                    batch = self.augment(batch)
-                logits = self.networks(batch)
-                loss = F.cross_entropy(logits.flatten(0, 1), labels[index].flatten(), reduction="none")
-                self.network_optimizer.zero_grad(set_to_none=True)
-                loss.view(K, -1).mean(1).sum().backward()
-                self.network_optimizer.step()
+            train_stack(self.networks, self.network_optimizer, images, labels, order, self.config.batch_train,
+                        self.augment)
 
     def step(self) -> Tensor:
         redraw(self.networks, self.generator)
