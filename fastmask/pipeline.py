@@ -79,7 +79,7 @@ class Run:
         results_file = folder / "results.json"
         self.results = json.loads(results_file.read_text()) if results_file.exists() else {
             "fastmask_version": fastmask.__version__, "config": to_dict(cfg),
-            "device": {"type": device.type, "name": _device_name(device)}, "stages": {}, "timings": {},
+            "device": {"type": device.type, "name": device_name(device)}, "stages": {}, "timings": {},
             "completed": []}
         self.results = distributed.broadcast_object(self.results)  # rank 0's view: every rank resumes alike
 
@@ -110,9 +110,9 @@ class Run:
             print(f"[fastmask] {text}", flush=True)
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return torch.cuda.getdevice_name(device)
     import platform
 
     return platform.processor() or platform.machine() or "cpu"

@@ -30,3 +30,15 @@ def assert_close(actual, expected, dtype=torch.float32, what="output"):
 
 def to64(*tensors):
     return [None if t is None else t.detach().double() for t in tensors]
+
+
+def without_times(results: dict) -> dict:
+    """A results.json without its wall-clock fields (they differ between runs)."""
+    def strip(node):
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k not in ("seconds", "timings", "completed")}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+
+    return strip(results)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fastmask import distributed, pipeline
+from helpers import without_times
 
 # Every stage on digits with LeNet-300-100 (a model that trains to ~95% in 100 steps, so the
 # results are not at chance): about 15 s in one process on this project's 2-core machines.
@@ -39,17 +40,6 @@ def finish(process, timeout=600):
     output, _ = process.communicate(timeout=timeout)
     assert process.returncode == 0, output[-4000:]
     return output
-
-
-def without_times(results: dict) -> dict:
-    def strip(node):
-        if isinstance(node, dict):
-            return {k: strip(v) for k, v in node.items() if k not in ("seconds", "timings", "completed")}
-        if isinstance(node, list):
-            return [strip(v) for v in node]
-        return node
-
-    return strip(results)
 
 
 def differences(expected, actual, path=""):

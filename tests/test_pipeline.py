@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from fastmask import pipeline
+from helpers import without_times
 
 # A short pipeline on digits: every stage runs, each in a second or two.
 SHORT = ["device=cpu", "model.width=8", "train.steps=15", "train.batch_size=64", "inner_train.steps=10",
@@ -28,18 +29,6 @@ SCHEMA = {
 def cli(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "fastmask", *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def without_times(results: dict) -> dict:
-    """results.json with wall-clock fields removed (they differ between runs)."""
-    def strip(node):
-        if isinstance(node, dict):
-            return {k: strip(v) for k, v in node.items() if k not in ("seconds", "timings", "completed")}
-        if isinstance(node, list):
-            return [strip(v) for v in node]
-        return node
-
-    return strip(results)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from torch import nn
 import fastmask
 from fastmask import data as fastmask_data
 from fastmask.config import PipelineConfig, to_dict
+from fastmask.pipeline import device_name, resolve_device  # the same device handling as fastmask
 
 from bench.reference import distill, hessian, landscape, lmc, models, prune
 from bench.reference.data import eval_loader
@@ -45,24 +45,6 @@ from bench.reference.train import train
 STAGES = ("distill", "dense", "imp", "lmc", "landscape", "hessian")
 NETWORKS = ("dense", "real", "distilled")
 EVAL_BATCH = 1024  # fastmask.lmc's default batch for evaluations
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but CUDA is not available")
-    return device
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine() or "cpu"
 
 
 class _Reference:
