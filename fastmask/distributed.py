@@ -105,9 +105,12 @@ def init(device: str | torch.device | None = None, timeout: datetime.timedelta =
 
 
 def shutdown() -> None:
-    """Leave the process group, if there is one (``init`` arranges it at exit); call ``barrier()``
-    first where the other ranks may still be working."""
+    """Leave the process group, if there is one (``init`` arranges it at exit). All ranks meet
+    first: a rank that tears its connections down while a peer still uses them can abort the
+    peer's process (seen with gloo: "terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -193,7 +193,15 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int | Sequence[
         network = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, **_NO_BUFFER_BROADCAST)
 
+    pending: list[Tensor] = []  # this run's step losses, on the device: no host sync per step
+
+    def flush():
+        if pending:
+            losses.extend(torch.stack(pending).tolist())
+            pending.clear()
+
     def save(step: int):
+        flush()
         if distributed.is_writer():
             io.save_state(resume_file, {"step": step, "model": model.state_dict(),
                                         "optimizer": optimizer.state_dict(), "losses": losses,
@@ -205,7 +213,8 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int | Sequence[
             checkpoints[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     model.train()
-    snapshot(start) if start == 0 else None
+    if start == 0:
+        snapshot(0)
     bar = tqdm(range(start, total), desc=description, disable=not progress or not distributed.is_main(), leave=False,
                initial=start, total=total)
     for step in bar:
@@ -225,12 +234,14 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int | Sequence[
         else:
             loss.backward()
         optimizer.step()
-        losses.append(loss.item() / (model.num_models if stacked else 1))
+        pending.append(loss.detach() / (model.num_models if stacked else 1))
         snapshot(step + 1)
         if resume_file is not None and save_every and (step + 1) % save_every == 0 and step + 1 < total:
             distributed.average_tensors(model.buffers())  # every rank resumes from the same statistics
             save(step + 1)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if progress and (step % 50 == 0 or step + 1 == total):
+            bar.set_postfix(loss=f"{pending[-1].item() if pending else losses[-1]:.3f}")
+    flush()
     if start < total:
         distributed.average_tensors(model.buffers())
     if resume_file is not None:
