@@ -8,7 +8,10 @@ Contenders, each running the same number of steps of the same configuration:
   masks, ``torch.optim.SGD`` with per-tensor re-masking, a Python step loop;
 - ``reference_compiled``: the same with the model under ``torch.compile``;
 - ``fastmask``: ``fastmask.train.fit`` on device-resident data (fused masked kernels, the fused
-  masked optimizer, augmentation on the device);
+  masked optimizer, augmentation on the device, each step's forward and backward replayed from a
+  CUDA graph);
+- ``fastmask_no_graph``: the same with ``cuda_graph=False`` (every kernel launched from Python),
+  which shows what the graph is worth;
 - two models: ``fastmask_sequential_2`` (two ``fit`` calls, one after the other) against
   ``fastmask_stack_2`` (one ``fit`` of a ``Stack`` of the two, each with its own data order).
 Targets (issue 5): fastmask >= 3x the reference for one model; the stack of 2 >= 1.7x the
@@ -20,6 +23,7 @@ Run: .venv/bin/python -m pytest bench/bench_train.py -o python_files='bench_*.py
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -73,6 +77,8 @@ def bench_train_throughput(bench, name):
         "reference_compiled": lambda: train(reference_for_compile, cpu_images, cpu_labels, cfg, 0, bench.device,
                                            num_workers=workers, compile=True),
         "fastmask": lambda: fit(ours, splits.train, cfg, seed=0, progress=False),
+        "fastmask_no_graph": lambda: fit(ours, splits.train, dataclasses.replace(cfg, cuda_graph=False), seed=0,
+                                         progress=False),
     }
     if smoke and name != "convnet3":  # compiling a whole model takes ~40 s on the CPU: check it once
         del contenders["reference_compiled"]

@@ -3,8 +3,9 @@
 ``fit`` trains with the fused masked optimizers (pruned weights stay exactly zero), a warm-up
 then a constant, step or cosine schedule, device-resident batches from ``fastmask.data.Loader``
 (each model of a stack with its own data order and augmentation), bf16 autocast and
-channels_last on CUDA, checkpoints at named steps (rewind points), and a checkpoint file that
-a rerun resumes from, reaching exactly the uninterrupted run's weights.
+channels_last on CUDA, the forward and backward pass of each step replayed from a CUDA graph on
+CUDA (``TrainConfig.cuda_graph``), checkpoints at named steps (rewind points), and a checkpoint
+file that a rerun resumes from, reaching exactly the uninterrupted run's weights.
 
 Under torchrun (``fastmask.distributed.active()``) ``fit`` is data parallel: every process holds
 the dataset on its device, draws the global batch of each step (the Loader's batch is a pure
@@ -27,8 +28,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +65,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     amp: bool = True  # bf16 autocast on CUDA
     channels_last: bool = True  # on CUDA
+    cuda_graph: bool = True  # on CUDA in one process: replay each step's forward and backward from a CUDA graph
 
     def __post_init__(self):
         if self.optimizer not in ("sgd", "adamw"):
@@ -121,7 +124,10 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig):
 
 
 def _autocast(device: torch.device, cfg: TrainConfig):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
+    # No cast cache: a graph-captured step must recast the weights it replays with (torch's graph
+    # capture asks for cache_enabled=False); fastmask's masked layers cast their weights themselves.
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda",
+                          cache_enabled=False)
 
 
 def _rows(batch: Tensor, rows: slice, stacked: bool) -> Tensor:
@@ -137,6 +143,65 @@ def _loss(logits: Tensor, targets: Tensor, label_smoothing: float) -> Tensor:
     per_example = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), label_smoothing=label_smoothing,
                                   reduction="none")
     return per_example.view(targets.shape).mean(1).sum()
+
+
+class _CapturedStep:
+    """The forward pass, loss and backward pass of a training step as one CUDA graph, replayed.
+
+    A step of a small network is a few hundred kernel launches, whose CPU cost from Python can
+    exceed their GPU time; the replay of a graph launches them all at once. The Loader
+    gathers and augments each batch outside the graph (its draws are made on the CPU) and the
+    batch is copied into the graph's static input; the captured backward writes the gradients into
+    the same tensors at every replay; the fused optimizer's step (one launch, with the learning rate
+    of the step from its param group) runs after the replay, outside the graph.
+
+    The first ``WARMUP`` calls run eagerly on a side stream, as torch's graph capture asks: Triton
+    autotuning, the per-shape Triton-vs-cuDNN choice (fastmask.ops) and cuDNN's setup happen there,
+    never inside the capture. The call that captures then replays, so every step is computed once,
+    by the kernels an eager step runs. If the capture fails, a warning says why and the steps run
+    eagerly from then on (a failed capture has executed nothing, so no step is lost or repeated).
+    """
+
+    WARMUP = 3
+
+    def __init__(self, forward_backward: Callable[[Tensor, Tensor], Tensor], zero_grad: Callable[[], None]):
+        self.forward_backward = forward_backward
+        self.zero_grad = zero_grad
+        self.eager_calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.failed = False
+        self.side_stream = torch.cuda.Stream()
+
+    def __call__(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        """The step's loss (detached, on the device); the gradients are left in the parameters' ``.grad``."""
+        if self.graph is None and (self.failed or self.eager_calls < self.WARMUP):
+            self.eager_calls += 1
+            self.side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side_stream):
+                self.zero_grad()
+                loss = self.forward_backward(inputs, targets)
+            torch.cuda.current_stream().wait_stream(self.side_stream)
+            return loss
+        if self.graph is None:
+            self.inputs, self.targets = inputs.clone(), targets.clone()
+            self.zero_grad()  # so the captured backward allocates the gradients in the graph's memory pool
+            graph = torch.cuda.CUDAGraph()
+            stream = torch.cuda.current_stream()
+            try:
+                with torch.cuda.graph(graph):
+                    self.loss = self.forward_backward(self.inputs, self.targets)
+            except RuntimeError as error:
+                torch.cuda.set_stream(stream)  # torch.cuda.graph leaves its capture stream current when capture_end fails
+                warnings.warn(f"capturing the training step in a CUDA graph failed, training on without one: {error}",
+                              RuntimeWarning, stacklevel=3)
+                self.failed = True
+                return self(inputs, targets)
+            self.graph = graph
+        else:
+            self.inputs.copy_(inputs)
+            self.targets.copy_(targets)
+        self.graph.replay()
+        return self.loss.clone()
 
 
 def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int | Sequence[int] = 0, *,
@@ -217,22 +282,35 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int | Sequence[
         snapshot(0)
     bar = tqdm(range(start, total), desc=description, disable=not progress or not distributed.is_main(), leave=False,
                initial=start, total=total)
+    def forward_backward(inputs: Tensor, targets: Tensor) -> Tensor:
+        with _autocast(device, cfg):
+            logits = network(inputs)
+        loss = _loss(logits, targets, cfg.label_smoothing)
+        if not parallel:
+            loss.backward()
+            return loss.detach()
+        (loss * (share * world)).backward()
+        loss = loss.detach() * share
+        torch.distributed.all_reduce(loss)  # the global batch's mean loss
+        return loss
+
+    def zero_grad():
+        optimizer.zero_grad(set_to_none=True)
+
+    # DDP's gradient hooks are not captured: data-parallel steps run eagerly.
+    captured = cfg.cuda_graph and device.type == "cuda" and not parallel
+    step_fn = _CapturedStep(forward_backward, zero_grad) if captured else None
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * cfg.lr_factor(step, total)
         inputs, targets = loader.batch(step)
         if parallel:
             inputs, targets = _rows(inputs, rows, stacked), _rows(targets, rows, stacked)
-        with _autocast(device, cfg):
-            logits = network(inputs)
-        loss = _loss(logits, targets, cfg.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        if parallel:
-            (loss * (share * world)).backward()
-            loss = loss.detach() * share
-            torch.distributed.all_reduce(loss)  # the global batch's mean loss
+        if step_fn is not None:
+            loss = step_fn(inputs, targets)
         else:
-            loss.backward()
+            zero_grad()
+            loss = forward_backward(inputs, targets)
         optimizer.step()
         pending.append(loss.detach() / (model.num_models if stacked else 1))
         snapshot(step + 1)

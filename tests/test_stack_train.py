@@ -1,4 +1,6 @@
 """Models, stacks of K models, and the training engine."""
+import warnings
+
 import pytest
 import torch
 
@@ -147,3 +149,57 @@ def test_train_config_rejects_bad_values():
         TrainConfig(schedule="linear")
     with pytest.raises(ValueError, match="lr"):
         TrainConfig(lr=0)
+
+
+def _graph_twins(digits, cuda_graph_cfg, build):
+    """The same model trained on CUDA with and without the captured step; both results and models."""
+    trained = []
+    for cuda_graph in (False, True):
+        model = build().cuda()
+        cfg = TrainConfig(**{**cuda_graph_cfg, "cuda_graph": cuda_graph})
+        seed = [5, 6] if isinstance(model, Stack) else 5
+        trained.append((fit(model, digits.train.to("cuda"), cfg, seed=seed, progress=False), model))
+    return trained
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["convnet3", "batchnorm", "stack"])
+@pytest.mark.parametrize("amp", [False, True])
+def test_cuda_graph_step_trains_like_eager_steps(digits, kind, amp):
+    """Replayed from a CUDA graph, the steps give the eager steps' weights, statistics and losses."""
+    def build():
+        if kind == "stack":
+            return Stack(masked_copies("convnet3", digits.train.image_shape, 2, width=8))
+        options = {"width": 8, "norm": "batch"} if kind == "batchnorm" else {"width": 8}
+        return masked_copies("convnet", digits.train.image_shape, 1, **options)[0]
+
+    settings = dict(steps=9, batch_size=32, lr=0.05, warmup_steps=2, amp=amp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture warns: here it must not happen
+        (eager, eager_model), (graphed, graphed_model) = _graph_twins(digits, settings, build)
+    for (key, a), b in zip(graphed_model.state_dict().items(), eager_model.state_dict().values()):
+        if a.is_floating_point():
+            assert rel_error(a, b) < 1e-5, key
+        else:
+            assert torch.equal(a, b), key
+    assert max(abs(x - y) for x, y in zip(graphed.losses, eager.losses)) < 1e-5
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_failure_falls_back_to_eager_steps(digits, monkeypatch):
+    """A step that cannot be captured (a host sync in the loss) warns once and trains eagerly, exactly."""
+    loss = train_module._loss
+
+    def loss_with_host_sync(logits, targets, label_smoothing):
+        value = loss(logits, targets, label_smoothing)
+        value.item()  # not allowed while a CUDA graph is being captured
+        return value
+
+    monkeypatch.setattr(train_module, "_loss", loss_with_host_sync)
+    build = lambda: masked_copies("convnet", digits.train.image_shape, 1, width=8)[0]  # noqa: E731
+    with pytest.warns(RuntimeWarning, match="CUDA graph"):
+        (eager, eager_model), (graphed, graphed_model) = _graph_twins(
+            digits, dict(steps=6, batch_size=32, lr=0.05, amp=False), build)
+    for key, value in eager_model.state_dict().items():
+        assert torch.equal(graphed_model.state_dict()[key], value), key
+    assert graphed.losses == eager.losses
