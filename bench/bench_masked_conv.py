@@ -177,7 +177,7 @@ def bench_masked_conv2d(bench, roofline, tf32_matmul_flops, monkeypatch, case):
     def masked_weight_forward(x, w, mask, b):
         return F.conv2d(x, w * mask, b, *conv_args)
 
-    compiled_forward = torch.compile(masked_weight_forward)
+    compiled_forward = torch.compile(masked_weight_forward, dynamic=False)
 
     contenders = {
         "prune": lambda: _grads(pruned(x), pruned_inputs, grad_y),
@@ -227,7 +227,7 @@ def bench_stacked_masked_conv2d(bench, roofline, tf32_matmul_flops, monkeypatch,
     def masked_weight_forward(x, w, mask, b):
         return F.conv2d(x, w * mask, b, *conv_args)
 
-    compiled_forward = torch.compile(masked_weight_forward)
+    compiled_forward = torch.compile(masked_weight_forward, dynamic=False)
 
     def sequential(forward):
         return [_grads(forward(x, w, mask, b), [x, w], grad_y[k]) for k, (x, w, mask, b) in enumerate(per_model)]

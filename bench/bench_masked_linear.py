@@ -121,7 +121,7 @@ def bench_masked_linear(bench, roofline, monkeypatch, case):
         pruned.weight.copy_(w)
         pruned.bias.copy_(b)
     prune.custom_from_mask(pruned, "weight", m)
-    compiled_forward = torch.compile(masked_weight_forward)
+    compiled_forward = torch.compile(masked_weight_forward, dynamic=False)
 
     contenders = {
         "prune": lambda: _grads(pruned(x), [x, pruned.weight_orig], grad_y),
@@ -160,7 +160,7 @@ def bench_stacked_masked_linear(bench, roofline, monkeypatch, case):
     float_mask = m.to(dtype)
     per_model = [(xs[k].detach().requires_grad_(xs.requires_grad), ws[k].detach().requires_grad_(), float_mask[k], bs[k])
                  for k in range(STACK)]
-    compiled_forward = torch.compile(masked_weight_forward)
+    compiled_forward = torch.compile(masked_weight_forward, dynamic=False)
 
     def sequential(forward):
         return [_grads(forward(x, w, mask, b), [x, w], grad_y[k]) for k, (x, w, mask, b) in enumerate(per_model)]

@@ -4,7 +4,7 @@ Every benchmark test takes the ``bench`` fixture and calls ``bench.time(fn)`` fo
 contender (fastmask, the eager reference, torch.compile of it) and ``bench.row(...)`` to record a
 comparison. On a CUDA GPU times are medians of ``triton.testing.do_bench`` (warm-up, L2 flushed
 between runs); the rows are written to ``bench/results/<date>-<gpu>.json`` at the end of the
-session. Without a GPU the same code runs once per contender at the smoke sizes (``bench.smoke``)
+session, merged into the rows that an earlier session of the day wrote there. Without a GPU the same code runs once per contender at the smoke sizes (``bench.smoke``)
 so the suite is checked, and nothing is written: timings need a GPU.
 """
 from __future__ import annotations
@@ -57,15 +57,17 @@ class Bench:
         return (time.perf_counter() - start) * 1e3
 
     def peak_memory(self, fn) -> int:
-        """Peak CUDA bytes allocated during one call of ``fn`` (0 in smoke mode)."""
+        """Peak CUDA bytes that one call of ``fn`` allocated on top of what was allocated before it
+        (the dataset, the other contenders' models); 0 in smoke mode."""
         if self.smoke:
             fn()
             return 0
         torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         fn()
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
+        return torch.cuda.max_memory_allocated() - before
 
     def row(self, case: str, times_ms: dict[str, float], baseline: str, **extra):
         """Record one comparison; ratios are baseline time over each contender's time."""
@@ -82,6 +84,10 @@ class Bench:
 
 @pytest.fixture
 def bench(request):
+    # Each case compiles its torch.compile contenders afresh: otherwise dynamo's recompile limit
+    # (8 per code object) would silently run later cases eagerly, and earlier shapes would turn on
+    # dynamic-shape graphs for the rest.
+    torch._dynamo.reset()
     return Bench(request.node.name)
 
 
@@ -115,16 +121,25 @@ def pytest_sessionfinish(session, exitstatus):
     import triton
 
     gpu = torch.cuda.get_device_name(0)
-    driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                            capture_output=True, text=True).stdout.strip()
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True).stdout.strip()
+    except OSError:  # no nvidia-smi on the PATH
+        driver = "unknown"
+    date = datetime.date.today().isoformat()
+    slug = gpu.lower().replace("nvidia ", "").replace(" ", "-")
+    path = RESULTS_DIR / f"{date}-{slug}.json"
+    # The suite is often run a few files at a time (one command each): a later session's rows
+    # replace the same (bench, case) rows of the day's file and join the others.
+    ours = {(row["bench"], row.get("case")) for row in _rows}
+    earlier = json.loads(path.read_text())["rows"] if path.exists() else []
+    rows = [row for row in earlier if (row["bench"], row.get("case")) not in ours] + _rows
     out = {
-        "date": datetime.date.today().isoformat(), "device": gpu, "driver": driver,
+        "date": date, "device": gpu, "driver": driver,
         "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-        "rows": _rows,
+        "rows": rows,
     }
     RESULTS_DIR.mkdir(exist_ok=True)
-    slug = gpu.lower().replace("nvidia ", "").replace(" ", "-")
-    path = RESULTS_DIR / f"{out['date']}-{slug}.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=1))
     tmp.replace(path)

@@ -104,13 +104,23 @@ def init(device: str | torch.device | None = None, timeout: datetime.timedelta =
     return True
 
 
+SHUTDOWN_WAIT = datetime.timedelta(seconds=60)
+
+
 def shutdown() -> None:
-    """Leave the process group, if there is one (``init`` arranges it at exit). All ranks meet
-    first: a rank that tears its connections down while a peer still uses them can abort the
-    peer's process (seen with gloo: "terminate called without an active exception")."""
+    """Leave the process group, if there is one (``init`` arranges it at exit).
+
+    The ranks meet first: a rank that tears its connections down while a peer still uses them can
+    abort the peer's process (seen with gloo: "terminate called without an active exception").
+    They wait for each other ``SHUTDOWN_WAIT`` at most, so a rank leaving on an error, whose peers
+    will never come, exits rather than hanging for the collectives' timeout.
+    """
     if dist.is_available() and dist.is_initialized():
         if dist.get_world_size() > 1:
-            dist.barrier()
+            try:
+                dist.barrier(async_op=True).wait(timeout=SHUTDOWN_WAIT)
+            except RuntimeError:  # a peer is gone or late: leave anyway
+                pass
         dist.destroy_process_group()
 
 

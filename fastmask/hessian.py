@@ -324,7 +324,8 @@ class _ProbeBatcher:
     A given ``probe_batch`` is used as is; without one, the CPU uses ``CPU_PROBE_BATCH`` and CUDA
     measures: the first two batches hold 1 and 2 probes (real probes, nothing is wasted), their
     peak memory gives the cost of one more probe, and the rest go in batches that fill
-    ``MEMORY_FRACTION`` of the free memory. This resets CUDA's peak-memory statistics.
+    ``MEMORY_FRACTION`` of the free memory. This resets CUDA's peak-memory statistics. Should a
+    measured size still run out of memory, the batch is retried at half the size (``shrink``).
     """
 
     CPU_PROBE_BATCH = 16
@@ -353,6 +354,16 @@ class _ProbeBatcher:
         self.peaks.append((size, torch.cuda.max_memory_allocated(self.device) - start))
         if len(self.peaks) == 2:
             self.size = self._fitting_size()
+
+    def shrink(self, size: int) -> bool:
+        """After a batch of ``size`` probes ran out of memory: whether to retry it smaller (only
+        measured sizes are changed; a given ``probe_batch`` is the caller's to choose)."""
+        automatic = self.device.type == "cuda" and (self.measuring or self.peaks)
+        if not automatic or size <= 1:
+            return False
+        self.measuring = False
+        self.size = size // 2
+        return True
 
     def _fitting_size(self) -> int:
         (p1, peak1), (p2, peak2) = self.peaks
@@ -451,11 +462,17 @@ def hessian_diag(model: nn.Module, loss_fn: Callable, data: Iterable, num_probes
         done = 0
         while done < num_probes:
             size = batcher.next_size(done)
-            with batcher.measure(size):
-                z = rademacher_probes(seed, done, size, op.n, op.mask, op.dtype, op.device)
-                hz = op.apply(z)
-                mean, m2, sums = accumulate_probes(z, hz, done, mean, m2)
-                del z, hz
+            try:
+                with batcher.measure(size):
+                    z = rademacher_probes(seed, done, size, op.n, op.mask, op.dtype, op.device)
+                    hz = op.apply(z)
+                    # new tensors: an allocation failure here leaves mean and m2 as they were
+                    mean, m2, sums = accumulate_probes(z, hz, done, mean, m2)
+                    del z, hz
+            except torch.cuda.OutOfMemoryError:
+                if not batcher.shrink(size):
+                    raise
+                continue  # the same probes again, fewer at a time
             probe_values.append(sums)
             done += size
         values = torch.cat(probe_values)

@@ -186,7 +186,7 @@ def _conv_op(x: Tensor, w: Tensor, m: Tensor, bias: Optional[Tensor], stride: Li
     tf32 = _allow_tf32_conv()
     return _pick(_key(x, w, m, extra=("conv_fwd", bias is None, *stride, *padding, *dilation, tf32)), {
         "triton": lambda: masked_conv.conv_forward(x, w, m, bias, stride, padding, dilation, tf32),
-        "torch": lambda: conv2d_reference(x, w, m, bias, stride, padding, dilation),
+        "torch": lambda: _in_kernel_layout(conv2d_reference(x, w, m, bias, stride, padding, dilation), x),
     })()
 
 
@@ -198,6 +198,38 @@ def _(x, w, m, bias, stride, padding, dilation):
     OH = output_size(x.shape[3], R, stride[0], padding[0], padding[1], dilation[0])
     OW = output_size(x.shape[4], S, stride[1], padding[2], padding[3], dilation[1])
     return stacked_empty((K, x.shape[1], O, OH, OW), x)
+
+
+def _in_kernel_layout(y: Tensor, like: Tensor) -> Tensor:
+    """A torch candidate's stacked conv result in the layout the Triton kernel and the fake kernel
+    give (``stacked_empty``): the op's output strides must not depend on which candidate ran, or
+    code compiled against the fake (torch.compile asserts the strides) fails."""
+    from fastmask.kernels.masked_conv import stacked_empty
+
+    return stacked_empty(y.shape, like).copy_(y)
+
+
+def _conv_reference_backward(grad, x, w, m, stride, padding, dilation, need_x: bool, need_w: bool):
+    """(grad_x, grad_w) of ``conv2d_reference`` (groups 1) through cuDNN's convolution backward,
+    without autograd: a custom op's implementation runs below autograd, where autograd.grad cannot."""
+    K, O = w.shape[:2]
+    N, C, H, W = x.shape[1:]
+    pt, pb, pl, pr = padding
+    symmetric = (pt, pl) == (pb, pr)
+    padded = x if symmetric else F.pad(x, (pl, pr, pt, pb))
+    shared = x.shape[0] == 1  # as in conv2d_reference: the K models are K*O output channels
+    flat_x = padded[0] if shared else padded.transpose(0, 1).reshape(N, K * C, *padded.shape[-2:])
+    flat_grad = grad.transpose(0, 1).reshape(N, K * O, *grad.shape[-2:])
+    wm = (w * m).reshape(K * O, *w.shape[2:])
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        flat_grad, flat_x, wm, None, list(stride), [pt, pl] if symmetric else [0, 0], list(dilation), False, [0, 0],
+        1 if shared else K, [need_x, need_w, False])
+    if need_x:
+        gx = gx.unsqueeze(0) if shared else gx.reshape(N, K, C, *gx.shape[-2:]).transpose(0, 1)
+        gx = gx if symmetric else gx[..., pt:pt + H, pl:pl + W]
+    if need_w:
+        gw = gw.reshape(w.shape) * m
+    return gx, gw
 
 
 def _conv_reference_grads(grad, x, w, m, stride, padding, dilation, need_x: bool, need_w: bool):
@@ -230,8 +262,7 @@ def _conv_backward_op(grad: Tensor, x: Tensor, w: Tensor, m: Tensor, stride: Lis
         return gx, gw
 
     def torch_grads():
-        with torch.no_grad():
-            gx, gw = _conv_reference_grads(grad, x, w, m, stride, padding, dilation, need_x, need_w)
+        gx, gw = _conv_reference_backward(grad, x, w, m, stride, padding, dilation, need_x, need_w)
         gx = masked_conv.stacked_empty(x.shape, x).copy_(gx) if need_x else grad.new_empty(0)
         gw = torch.empty_like(w).copy_(gw) if need_w else grad.new_empty(0)
         return gx, gw
@@ -269,6 +300,13 @@ def _conv_backward(ctx, grad):
 _conv_op.register_autograd(_conv_backward, setup_context=_conv_setup)
 
 
+def _one_batch_if_expanded(x: Tensor) -> Tensor:
+    """A stack's input expanded over its K models (model stride 0, ``Stack(x, shared=True)``) as the
+    one shared batch ``[1, ...]`` it is: the shared-input paths then read it once, and an autocast
+    cast copies one batch, not K."""
+    return x[:1] if x.shape[0] > 1 and x.stride(0) == 0 else x
+
+
 def _stacked_conv_input(input: Tensor, K: int, holder: str, channels: int, groups: int) -> Tensor:
     """``input`` as ``[K or 1, N, C, H, W]``, checked against K models (held by ``holder``) of ``channels`` inputs."""
     if input.dim() not in (4, 5):
@@ -278,7 +316,7 @@ def _stacked_conv_input(input: Tensor, K: int, holder: str, channels: int, group
         raise ValueError(f"input holds {x.shape[0]} models but {holder} holds {K}")
     if x.shape[2] != channels:
         raise ValueError(f"input has {x.shape[2]} channels but weight expects {channels} (groups={groups})")
-    return x
+    return _one_batch_if_expanded(x)
 
 
 def stacked_masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None,
@@ -424,7 +462,7 @@ def _stacked_linear_input(input: Tensor, K: int, holder: str, in_features: int) 
         raise ValueError(f"input holds {x.shape[0]} models but {holder} holds {K}")
     if x.shape[-1] != in_features:
         raise ValueError(f"input has {x.shape[-1]} features but weight expects {in_features}")
-    return x
+    return _one_batch_if_expanded(x)
 
 
 def stacked_masked_linear(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -525,8 +563,8 @@ def _interpolated_conv_op(x: Tensor, w_a: Tensor, w_b: Tensor, m: Tensor, alphas
                                                    w_b=_laid_out_like(w_b, w_a),
                                                    bias_b=None if bias_b is None else _laid_out_like(bias_b, bias_a),
                                                    alphas=alphas),
-        "torch": lambda: interpolated_conv2d_reference(x, w_a, w_b, m, alphas, bias_a, bias_b, stride, padding,
-                                                       dilation),
+        "torch": lambda: _in_kernel_layout(interpolated_conv2d_reference(x, w_a, w_b, m, alphas, bias_a, bias_b,
+                                                                         stride, padding, dilation), x),
     })()
 
 

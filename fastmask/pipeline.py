@@ -112,7 +112,7 @@ class Run:
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.getdevice_name(device)
+        return torch.cuda.get_device_name(device)
     import platform
 
     return platform.processor() or platform.machine() or "cpu"

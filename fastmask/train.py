@@ -130,6 +130,32 @@ def _autocast(device: torch.device, cfg: TrainConfig):
                           cache_enabled=False)
 
 
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """Put the 4-d weights (convolutions) of ``model`` in channels_last memory order, in place.
+
+    ``nn.Module.to(memory_format=...)`` would refuse the 5-d ``[K, O, C, R, S]`` weights of a
+    ``Stack``: those keep their layout (the stacked kernels address any strides).
+    """
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            if tensor.dim() == 4:
+                tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+    return model
+
+
+def images_channels_last(images: Tensor) -> Tensor:
+    """A batch ``[B, C, H, W]`` (or a stack's ``[K, B, C, H, W]``, per model) in channels_last order.
+
+    A convolution's output takes its input's layout, so this one conversion makes every later
+    activation channels_last, the order in which the conv kernels read channels contiguously.
+    """
+    if images.dim() == 4:
+        return images.contiguous(memory_format=torch.channels_last)
+    if images.dim() == 5:
+        return images.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    return images
+
+
 def _rows(batch: Tensor, rows: slice, stacked: bool) -> Tensor:
     """This process's slice of a global batch (dimension 1 of a stack's ``[K, B, ...]``)."""
     return batch[:, rows].contiguous() if stacked else batch[rows]
@@ -229,8 +255,9 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int | Sequence[
     device = next(model.parameters()).device
     if data.device != device:
         raise ValueError(f"data is on {data.device} but the model is on {device}")
-    if device.type == "cuda" and cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
+    channels_last = device.type == "cuda" and cfg.channels_last
+    if channels_last:
+        to_channels_last(model)
     batch_size = min(cfg.batch_size, len(data))
     loader = Loader(data, batch_size, seeds, augment=cfg.augment, flip=cfg.flip)
     total = cfg.total_steps(len(data))
@@ -306,6 +333,8 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int | Sequence[
         inputs, targets = loader.batch(step)
         if parallel:
             inputs, targets = _rows(inputs, rows, stacked), _rows(targets, rows, stacked)
+        if channels_last:
+            inputs = images_channels_last(inputs)
         if step_fn is not None:
             loss = step_fn(inputs, targets)
         else:

@@ -31,10 +31,22 @@ def poisoned_outputs():
 
 @pytest.fixture
 def triton_backend(monkeypatch):
-    """Force the Triton kernels (the interpreter on CPU); skip where triton is missing."""
+    """Force the Triton kernels on the tests' CPU tensors (the interpreter); skip where triton is
+    missing, and on a CUDA machine, where the interpreter is off (the ``gpu`` tests run the kernels there)."""
     if not backend.triton_available():
         pytest.skip("triton is not installed")
+    if not backend.interpreter_on():
+        pytest.skip("the kernels run on CPU tensors only under TRITON_INTERPRET=1 (off where CUDA is present)")
     monkeypatch.setenv("FASTMASK_BACKEND", "triton")
+
+
+@pytest.fixture
+def cudnn_candidates(triton_backend, monkeypatch):
+    """Inside the ops, the torch (cuDNN) candidate of every per-shape dispatch, as ``ops._pick``
+    may choose it on CUDA: so its values, gradients and output layout are tested on the CPU too."""
+    from fastmask import ops
+
+    monkeypatch.setattr(ops, "_pick", lambda key, candidates: candidates["torch"])
 
 
 @pytest.fixture

@@ -244,6 +244,37 @@ def test_same_seed_same_result_and_batching_does_not_change_probes():
     assert not torch.allclose(flat(other.diag), flat(first.diag))
 
 
+def test_probe_batch_that_runs_out_of_memory_is_retried_smaller(monkeypatch):
+    """On CUDA a measured probe batch that still runs out of memory is retried at half its size,
+    with the same probes (simulated on the CPU: a batcher past its measurement, a memory limit)."""
+    model = conv_net()
+    batches = classification_batches((2, 4, 4), sizes=(6, 3))
+
+    class MeasuredBatcher(hessian._ProbeBatcher):
+        def __init__(self, probe_batch, num_probes, device):
+            super().__init__(None, num_probes, torch.device("cuda"))
+            self.measuring, self.peaks, self.size = False, [(1, 0), (2, 0)], 8  # as if 8 probes fit
+
+    accumulate, sizes = hessian.accumulate_probes, []
+
+    def limited_memory(z, hz, count, mean, m2):
+        sizes.append(z.shape[0])
+        if z.shape[0] > 3:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return accumulate(z, hz, count, mean, m2)
+
+    monkeypatch.setattr(hessian, "_ProbeBatcher", MeasuredBatcher)
+    monkeypatch.setattr(hessian, "accumulate_probes", limited_memory)
+    retried = hessian_diag(model, cross_entropy, batches, num_probes=11, seed=4)
+    assert sizes == [8, 4, 2, 2, 2, 2, 2, 1]
+    monkeypatch.undo()
+    expected = hessian_diag(model, cross_entropy, batches, num_probes=11, probe_batch=2, seed=4)
+    torch.testing.assert_close(flat(retried.diag), flat(expected.diag), rtol=1e-10, atol=1e-12)
+    assert retried.trace == pytest.approx(expected.trace, rel=1e-12)
+    assert not hessian._ProbeBatcher(4, 11, torch.device("cuda")).shrink(4)  # a size the caller gave stays
+    assert not MeasuredBatcher(None, 11, None).shrink(1)
+
+
 def test_float32_model_agrees_with_float64():
     model64 = mlp(lambda i, o: MaskedLinearStub(i, o, generator=torch.Generator().manual_seed(3)))
     batches64 = classification_batches((6,))

@@ -23,11 +23,14 @@ def interpolated64(a, b, alphas):
     return [(1 - al) * a.double() + al * b.double() for al in torch.tensor(alphas, dtype=torch.float64)]
 
 
-@pytest.fixture(params=["triton", "torch"])
+@pytest.fixture(params=["triton", "torch", "cudnn_in_op"])
 def interpolation_backend(request, monkeypatch):
-    """The kernels (the interpreter on CPU) and the plain-torch reference."""
+    """The kernels (the interpreter on CPU), the plain-torch reference, and the op's own torch
+    candidate (what the per-shape dispatch may pick on CUDA)."""
     if request.param == "triton":
         request.getfixturevalue("triton_backend")
+    elif request.param == "cudnn_in_op":
+        request.getfixturevalue("cudnn_candidates")
     else:
         monkeypatch.setenv("FASTMASK_BACKEND", "torch")
     return request.param
@@ -51,6 +54,8 @@ def test_interpolated_conv_matches_float64(interpolation_backend, case, shared_i
     expected = torch.stack([F.conv2d((x if shared_input else x[k]).double(), weights[k] * m, biases[k], stride, padding)
                             for k in range(len(ALPHAS))])
     assert_close(y, expected)
+    if interpolation_backend != "torch":  # the op's layout, whichever candidate ran (torch.compile relies on it)
+        assert y.is_contiguous()
 
 
 def test_interpolated_conv_channels_last_and_strided_second_weight(triton_backend):

@@ -84,6 +84,62 @@ def test_stacked_masked_conv2d_matches_per_model_float64(triton_backend, models,
         assert_close(got, want, what=what)
 
 
+@pytest.mark.parametrize("shared_input", [False, True])
+@pytest.mark.parametrize("case", [CONV_CASES[3], CONV_CASES[4], CONV_CASES[5]], ids=lambda c: "x".join(map(str, c)))
+def test_cudnn_candidates_in_the_conv_ops_match_float64(cudnn_candidates, case, shared_input):
+    """The torch candidates the per-shape dispatch may pick on CUDA: values, all three gradients, and
+    the Triton kernel's output layout (the fake kernel promises it to torch.compile)."""
+    N, C, H, W, O, k, stride, padding, dilation = case
+    models = 3
+    x = torch.randn(*(() if shared_input else (models,)), N, C, H, W, requires_grad=True)
+    w = torch.randn(models, O, C, k, k, requires_grad=True)
+    b = torch.randn(models, O, requires_grad=True)
+    m = random_mask(w.shape, 0.5)
+    y = ops.stacked_masked_conv2d(x, w, m, b, stride, padding, dilation)
+    assert y.is_contiguous()
+    refs = torch.stack([conv_reference64(x if shared_input else x[i], w[i], m[i], b[i], stride, padding, dilation)
+                        for i in range(models)])
+    assert_close(y, refs)
+    upstream = torch.randn_like(refs)
+    for got, want, what in zip(grads(y, [x, w, b], upstream.float()), grads(refs, [x, w, b], upstream),
+                               ("gx", "gw", "gb")):
+        assert_close(got, want, what=what)
+        assert got.stride() == want.stride(), what
+
+
+def test_cudnn_candidate_keeps_channels_last(cudnn_candidates):
+    x = torch.randn(2, 3, 7, 7).to(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(5, 3, 3, 3).to(memory_format=torch.channels_last).requires_grad_()
+    m = random_mask(w.shape, 0.5)
+    y = ops.masked_conv2d(x, w, m, padding=1)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_close(y, conv_reference64(x, w, m, None, 1, 1, 1))
+
+
+def test_input_expanded_over_the_models_is_read_as_one_batch(triton_backend, monkeypatch):
+    """Stack(x, shared=True) expands the batch over K (stride 0): the op gets the one batch, and the
+    values and the gradient of the batch are those of K models on the same input."""
+    seen = []
+    conv_op, linear_op = ops._conv_op, ops._linear_op
+    monkeypatch.setattr(ops, "_conv_op", lambda x, *args: seen.append(x.shape[0]) or conv_op(x, *args))
+    monkeypatch.setattr(ops, "_linear_op", lambda x, *args: seen.append(x.shape[0]) or linear_op(x, *args))
+    models = 3
+    base = torch.randn(2, 3, 6, 5, requires_grad=True)
+    w = torch.randn(models, 4, 3, 3, 3, requires_grad=True)
+    m = random_mask(w.shape, 0.5)
+    y = ops.stacked_masked_conv2d(base.expand(models, *base.shape), w, m, padding=1)
+    refs = torch.stack([conv_reference64(base, w[k], m[k], None, 1, 1, 1) for k in range(models)])
+    assert_close(y, refs)
+    upstream = torch.randn_like(refs)
+    for got, want, what in zip(grads(y, [base, w], upstream.float()), grads(refs, [base, w], upstream), ("gx", "gw")):
+        assert_close(got, want, what=what)
+    features = torch.randn(5, 7, requires_grad=True)
+    lw = torch.randn(models, 4, 7)
+    out = ops.stacked_masked_linear(features.expand(models, 5, 7), lw, torch.ones(models, 4, 7, dtype=torch.bool))
+    assert_close(out, torch.stack([features.double() @ lw[k].double().T for k in range(models)]))
+    assert seen == [1, 1]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_masked_conv2d_half_precision_kernel(triton_backend, dtype):
     x = torch.randn(2, 3, 7, 7, dtype=dtype, requires_grad=True)

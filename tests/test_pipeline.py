@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastmask import pipeline
 from helpers import without_times
@@ -123,3 +124,11 @@ def test_another_config_on_an_existing_folder_is_refused_without_force(finished_
     assert result.returncode != 0 and "--force" in result.stderr
     config = Path(finished_run / "config.yaml").read_text()
     assert "rate: 0.2" in config
+
+
+def test_device_name_of_a_cuda_device(monkeypatch):
+    """The name results.json records; asked of torch.cuda (faked here: no GPU on the CPU machines)."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: asked.append(device) or "NVIDIA H100 80GB HBM3")
+    assert pipeline.device_name(torch.device("cuda", 0)) == "NVIDIA H100 80GB HBM3"
+    assert asked == [torch.device("cuda", 0)]

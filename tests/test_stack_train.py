@@ -1,4 +1,5 @@
 """Models, stacks of K models, and the training engine."""
+import copy
 import warnings
 
 import pytest
@@ -68,6 +69,32 @@ def test_stack_forward_equals_each_model(name, options, training):
     for part, original in zip(stack.split(), copies):
         for (key, a), b in zip(part.state_dict().items(), original.state_dict().values()):
             assert rel_error(a, b) < 1e-5 if a.is_floating_point() else torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("name, options, kernels", [("convnet", {"width": 8, "norm": "batch"}, True),
+                                                    ("resnet10", {"width": 4}, False), ("convnet3", {"width": 8}, False)])
+def test_channels_last_models_and_stacks_compute_the_same(request, name, options, kernels):
+    """fit's channels_last conversion (CUDA): a stack's 5-d weights keep their layout, single models'
+    4-d weights and every batch change layout, and nothing else changes."""
+    if kernels:
+        request.getfixturevalue("triton_backend")
+    copies = masked_copies(name, (3, 8, 8), 2, **options)
+    x = torch.randn(2, 4, 3, 8, 8)
+    stack = Stack(copies)
+    converted = train_module.to_channels_last(copy.deepcopy(stack))
+    y, expected = converted(train_module.images_channels_last(x)), stack(x)
+    assert rel_error(y, expected) < 1e-5
+    y.square().sum().backward()
+    expected.square().sum().backward()
+    for (key, a), b in zip(converted.named_parameters(), stack.parameters()):
+        assert rel_error(a.grad, b.grad) < 1e-5, key
+    single = train_module.to_channels_last(copy.deepcopy(copies[0]))
+    weights = [p for p in single.parameters() if p.dim() == 4]
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    assert any(not p.is_contiguous() for p in weights)  # 1x1 kernels are both
+    image_batch = train_module.images_channels_last(x[0])
+    assert image_batch.is_contiguous(memory_format=torch.channels_last)
+    assert rel_error(single(image_batch), copies[0](x[0])) < 1e-5
 
 
 def test_stack_rejects_mixed_architectures_and_wrong_batches():
