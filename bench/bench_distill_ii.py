@@ -169,7 +169,9 @@ class EagerMTT:
             self.lr_optimizer.step()
 
 
-@pytest.mark.parametrize("num_networks", [1, 4])
+# K = 2 at most: each student's 30-step unroll saves about 14.2 GiB for the backward pass (see
+# fastmask.distill.mtt), so 4 students with their temporaries come near an 80 GB H100's memory.
+@pytest.mark.parametrize("num_networks", [1, 2])
 def bench_mtt_iteration(bench, num_networks):
     ipc, width, syn_steps = (2, 8, 2) if bench.smoke else (IPC, 128, 30)
     train = cifar_shaped(bench, 256)

@@ -3,8 +3,9 @@
 Every benchmark test takes the ``bench`` fixture and calls ``bench.time(fn)`` for each
 contender (fastmask, the eager reference, torch.compile of it) and ``bench.row(...)`` to record a
 comparison. On a CUDA GPU times are medians of ``triton.testing.do_bench`` (warm-up, L2 flushed
-between runs); the rows are written to ``bench/results/<date>-<gpu>.json`` at the end of the
-session, merged into the rows that an earlier session of the day wrote there. Without a GPU the same code runs once per contender at the smoke sizes (``bench.smoke``)
+between runs); every row is written to ``bench/results/<date>-<gpu>.json`` as soon as it is
+recorded (a run stopped midway keeps what it measured), merged into the rows that an earlier
+session of the day wrote there. Without a GPU the same code runs once per contender at the smoke sizes (``bench.smoke``)
 so the suite is checked, and nothing is written: timings need a GPU.
 """
 from __future__ import annotations
@@ -74,7 +75,7 @@ class Bench:
         ratios = {name: times_ms[baseline] / t for name, t in times_ms.items() if name != baseline and t > 0}
         row = {"bench": self.test_name, "case": case, "median_ms": times_ms, "baseline": baseline,
                "speedup_vs_baseline": ratios, **extra}
-        _rows.append(row)
+        _record(row)
         if not self.smoke:
             print(f"\n{self.test_name} {case}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in times_ms.items())
                   + " | " + ", ".join(f"x{v:.2f} vs {baseline} ({k})" for k, v in ratios.items())
@@ -108,16 +109,30 @@ def roofline():
         ms = triton.testing.do_bench(lambda: a @ a, return_mode="median")
         flops[str(dtype).removeprefix("torch.")] = 2 * 8192**3 / (ms * 1e-3)
     info = {"hbm_bytes_per_s": hbm, "matmul_flops": flops}
-    _rows.append({"bench": "roofline", **info})
+    _record({"bench": "roofline", **info})
     return info
+
+
+def _record(row: dict) -> None:
+    """Keep a row; on a GPU write the results file at once, so a run stopped midway keeps its rows."""
+    _rows.append(row)
+    if torch.cuda.is_available():
+        _write_results()
 
 
 def pytest_sessionfinish(session, exitstatus):
     if not torch.cuda.is_available():
         print("\nbench: smoke pass only (no CUDA GPU); timings need a GPU, nothing written")
-        return
-    if not _rows:
-        return
+    elif _rows:
+        print(f"\nbench: results written to {_results_path()}")
+
+
+def _results_path() -> Path:
+    slug = torch.cuda.get_device_name(0).lower().replace("nvidia ", "").replace(" ", "-")
+    return RESULTS_DIR / f"{datetime.date.today().isoformat()}-{slug}.json"
+
+
+def _write_results() -> None:
     import triton
 
     gpu = torch.cuda.get_device_name(0)
@@ -126,16 +141,14 @@ def pytest_sessionfinish(session, exitstatus):
                                 capture_output=True, text=True).stdout.strip()
     except OSError:  # no nvidia-smi on the PATH
         driver = "unknown"
-    date = datetime.date.today().isoformat()
-    slug = gpu.lower().replace("nvidia ", "").replace(" ", "-")
-    path = RESULTS_DIR / f"{date}-{slug}.json"
+    path = _results_path()
     # The suite is often run a few files at a time (one command each): a later session's rows
     # replace the same (bench, case) rows of the day's file and join the others.
     ours = {(row["bench"], row.get("case")) for row in _rows}
     earlier = json.loads(path.read_text())["rows"] if path.exists() else []
     rows = [row for row in earlier if (row["bench"], row.get("case")) not in ours] + _rows
     out = {
-        "date": date, "device": gpu, "driver": driver,
+        "date": path.name[:10], "device": gpu, "driver": driver,
         "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
         "rows": rows,
     }
@@ -143,4 +156,3 @@ def pytest_sessionfinish(session, exitstatus):
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=1))
     tmp.replace(path)
-    print(f"\nbench: results written to {path}")
