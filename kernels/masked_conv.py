@@ -19,10 +19,11 @@ import triton
 import triton.language as tl
 
 from fastmask.kernels import _alloc
-from fastmask.kernels._config import dot_precision, matmul_configs, upcast_operands
+from fastmask.kernels._config import dot_precision, matmul_configs, prune_matmul_configs, upcast_operands
 
 
-@triton.autotune(configs=matmul_configs(), key=["N", "C", "H", "W", "O", "R", "S", "PRECISION", "INTERPOLATE"])
+@triton.autotune(configs=matmul_configs(), key=["N", "C", "H", "W", "O", "R", "S", "PRECISION", "INTERPOLATE"],
+                 prune_configs_by={"early_config_prune": prune_matmul_configs})
 @triton.jit
 def conv_forward_kernel(
     x_ptr, w_ptr, m_ptr, bias_ptr, y_ptr, w_b_ptr, bias_b_ptr, alpha_ptr,
@@ -87,7 +88,8 @@ def conv_forward_kernel(
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=in_m[:, None] & in_o[None, :])
 
 
-@triton.autotune(configs=matmul_configs(), key=["N", "C", "H", "W", "O", "R", "S", "PRECISION"])
+@triton.autotune(configs=matmul_configs(), key=["N", "C", "H", "W", "O", "R", "S", "PRECISION"],
+                 prune_configs_by={"early_config_prune": prune_matmul_configs})
 @triton.jit
 def conv_grad_input_kernel(
     gy_ptr, w_ptr, m_ptr, gx_ptr,
@@ -146,7 +148,8 @@ def conv_grad_input_kernel(
     tl.store(gx, acc.to(gx_ptr.dtype.element_ty), mask=in_m[:, None] & in_c[None, :])
 
 
-@triton.autotune(configs=matmul_configs(), key=["N", "C", "H", "W", "O", "R", "S", "SPLIT", "PRECISION"])
+@triton.autotune(configs=matmul_configs(), key=["N", "C", "H", "W", "O", "R", "S", "SPLIT", "PRECISION"],
+                 prune_configs_by={"early_config_prune": prune_matmul_configs})
 @triton.jit
 def conv_grad_weight_kernel(
     gy_ptr, x_ptr, m_ptr, gw_ptr,

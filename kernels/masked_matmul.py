@@ -16,10 +16,11 @@ import triton
 import triton.language as tl
 
 from fastmask.kernels import _alloc
-from fastmask.kernels._config import dot_precision, matmul_configs, upcast_operands
+from fastmask.kernels._config import dot_precision, matmul_configs, prune_matmul_configs, upcast_operands
 
 
-@triton.autotune(configs=matmul_configs(), key=["M", "N", "K", "PRECISION", "INTERPOLATE"])
+@triton.autotune(configs=matmul_configs(), key=["M", "N", "K", "PRECISION", "INTERPOLATE"],
+                 prune_configs_by={"early_config_prune": prune_matmul_configs})
 @triton.jit
 def masked_bmm_kernel(
     a_ptr, b_ptr, bmask_ptr, bias_ptr, cmask_ptr, c_ptr, b2_ptr, bias2_ptr, alpha_ptr,
