@@ -11,6 +11,7 @@ so the suite is checked, and nothing is written: timings need a GPU.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
@@ -132,15 +133,18 @@ def _results_path() -> Path:
     return RESULTS_DIR / f"{datetime.date.today().isoformat()}-{slug}.json"
 
 
+@functools.cache
+def _driver() -> str:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True).stdout.strip()
+    except OSError:  # no nvidia-smi on the PATH
+        return "unknown"
+
+
 def _write_results() -> None:
     import triton
 
-    gpu = torch.cuda.get_device_name(0)
-    try:
-        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                capture_output=True, text=True).stdout.strip()
-    except OSError:  # no nvidia-smi on the PATH
-        driver = "unknown"
     path = _results_path()
     # The suite is often run a few files at a time (one command each): a later session's rows
     # replace the same (bench, case) rows of the day's file and join the others.
@@ -148,7 +152,7 @@ def _write_results() -> None:
     earlier = json.loads(path.read_text())["rows"] if path.exists() else []
     rows = [row for row in earlier if (row["bench"], row.get("case")) not in ours] + _rows
     out = {
-        "date": path.name[:10], "device": gpu, "driver": driver,
+        "date": path.name[:10], "device": torch.cuda.get_device_name(0), "driver": _driver(),
         "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
         "rows": rows,
     }

@@ -333,7 +333,8 @@ class _ProbeBatcher:
 
     def __init__(self, probe_batch: Optional[int], num_probes: int, device: torch.device):
         self.num_probes, self.device = num_probes, device
-        self.measuring = probe_batch is None and device.type == "cuda"
+        self.automatic = probe_batch is None and device.type == "cuda"
+        self.measuring = self.automatic
         self.size = probe_batch if probe_batch is not None else self.CPU_PROBE_BATCH
         self.peaks: list[tuple[int, int]] = []  # (probes, peak bytes above the start)
 
@@ -358,8 +359,7 @@ class _ProbeBatcher:
     def shrink(self, size: int) -> bool:
         """After a batch of ``size`` probes ran out of memory: whether to retry it smaller (only
         measured sizes are changed; a given ``probe_batch`` is the caller's to choose)."""
-        automatic = self.device.type == "cuda" and (self.measuring or self.peaks)
-        if not automatic or size <= 1:
+        if not self.automatic or size <= 1:
             return False
         self.measuring = False
         self.size = size // 2

@@ -201,9 +201,9 @@ def _(x, w, m, bias, stride, padding, dilation):
 
 
 def _in_kernel_layout(y: Tensor, like: Tensor) -> Tensor:
-    """A torch candidate's stacked conv result in the layout the Triton kernel and the fake kernel
-    give (``stacked_empty``): the op's output strides must not depend on which candidate ran, or
-    code compiled against the fake (torch.compile asserts the strides) fails."""
+    """A stacked conv result (or input gradient) in the layout the Triton kernels and the fake
+    kernels give (``stacked_empty``): the op's output strides must not depend on which candidate
+    ran, or code compiled against the fake (torch.compile asserts the strides) fails."""
     from fastmask.kernels.masked_conv import stacked_empty
 
     return stacked_empty(y.shape, like).copy_(y)
@@ -233,14 +233,10 @@ def _conv_reference_backward(grad, x, w, m, stride, padding, dilation, need_x: b
 
 
 def _conv_reference_grads(grad, x, w, m, stride, padding, dilation, need_x: bool, need_w: bool):
-    """(grad_x, grad_w) by autograd through the reference; keeps the graph when grad mode is on."""
-    create_graph = torch.is_grad_enabled()
-    with torch.enable_grad():
-        xr = x if create_graph else x.detach().requires_grad_(need_x)
-        wr = w if create_graph else w.detach().requires_grad_(need_w)
-        y = conv2d_reference(xr, wr, m, None, stride, padding, dilation)
-        wanted = [t for t, need in ((xr, need_x), (wr, need_w)) if need]
-        grads = iter(torch.autograd.grad(y, wanted, grad, create_graph=create_graph))
+    """(grad_x, grad_w) by autograd through the reference, keeping the graph (double backward)."""
+    y = conv2d_reference(x, w, m, None, stride, padding, dilation)
+    wanted = [t for t, need in ((x, need_x), (w, need_w)) if need]
+    grads = iter(torch.autograd.grad(y, wanted, grad, create_graph=True))
     return (next(grads) if need_x else None), (next(grads) if need_w else None)
 
 
@@ -256,14 +252,14 @@ def _conv_backward_op(grad: Tensor, x: Tensor, w: Tensor, m: Tensor, stride: Lis
         if need_x:
             gx = masked_conv.conv_grad_input(grad, w, m, x, stride, padding, dilation, tf32)
             if x.shape[0] == 1 and w.shape[0] > 1:  # a shared input: sum the K models' gradients
-                gx = masked_conv.stacked_empty(x.shape, x).copy_(gx.sum(0, keepdim=True))
+                gx = _in_kernel_layout(gx.sum(0, keepdim=True), x)
         if need_w:
             gw = masked_conv.conv_grad_weight(grad, x, w, m, stride, padding, dilation, tf32)
         return gx, gw
 
     def torch_grads():
         gx, gw = _conv_reference_backward(grad, x, w, m, stride, padding, dilation, need_x, need_w)
-        gx = masked_conv.stacked_empty(x.shape, x).copy_(gx) if need_x else grad.new_empty(0)
+        gx = _in_kernel_layout(gx, x) if need_x else grad.new_empty(0)
         gw = torch.empty_like(w).copy_(gw) if need_w else grad.new_empty(0)
         return gx, gw
 

@@ -304,11 +304,6 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int | Sequence[
             distributed.average_tensors(model.buffers())  # every rank keeps the same checkpoint
             checkpoints[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    model.train()
-    if start == 0:
-        snapshot(0)
-    bar = tqdm(range(start, total), desc=description, disable=not progress or not distributed.is_main(), leave=False,
-               initial=start, total=total)
     def forward_backward(inputs: Tensor, targets: Tensor) -> Tensor:
         with _autocast(device, cfg):
             logits = network(inputs)
@@ -327,6 +322,11 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int | Sequence[
     # DDP's gradient hooks are not captured: data-parallel steps run eagerly.
     captured = cfg.cuda_graph and device.type == "cuda" and not parallel
     step_fn = _CapturedStep(forward_backward, zero_grad) if captured else None
+    model.train()
+    if start == 0:
+        snapshot(0)
+    bar = tqdm(range(start, total), desc=description, disable=not progress or not distributed.is_main(), leave=False,
+               initial=start, total=total)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * cfg.lr_factor(step, total)
