@@ -16,13 +16,32 @@ def _info(args) -> int:
 def _run(args) -> int:
     from fastmask import distributed, pipeline
 
-    folder = pipeline.run(
-        config_file=args.config, out=args.out, preset=args.preset, overrides=args.overrides,
-        force=args.force, quiet=args.quiet,
-    )
+    try:
+        folder = pipeline.run(
+            config_file=args.config, out=args.out, preset=args.preset, overrides=args.overrides,
+            force=args.force, quiet=args.quiet,
+        )
+    except KeyboardInterrupt:
+        if distributed.is_main():
+            print(_interrupted(pipeline.run_folder(args.out, args.preset)), file=sys.stderr)
+        return 130  # the shell's code for a run stopped by Ctrl-C
     if distributed.is_main():
         print(f"report: {folder / 'report.md'}")
     return 0
+
+
+def _interrupted(folder) -> str:
+    """One line for Ctrl-C: what the run folder kept, and that rerunning resumes."""
+    import json
+
+    results = folder / "results.json"
+    try:
+        finished = json.loads(results.read_text()).get("completed", [])
+    except (OSError, ValueError, AttributeError):
+        finished = []
+    kept = f"finished stages ({', '.join(finished)})" if finished else "no finished stage"
+    return (f"fastmask: interrupted; {folder} keeps its {kept} and the saved progress of the stage that was "
+            f"running: rerun the same command to resume")
 
 
 def _report(args) -> int:

@@ -38,7 +38,7 @@ import yaml
 import fastmask
 from fastmask import data as data_module
 from fastmask import distributed, io, models, prune
-from fastmask.config import PipelineConfig, load_config, to_dict
+from fastmask.config import DEFAULT_PRESET, PipelineConfig, load_config, to_dict
 from fastmask.train import fit
 
 STAGES = ("distill", "dense", "imp", "lmc", "landscape", "hessian")
@@ -136,6 +136,11 @@ def _claim_folder(folder: Path, cfg: PipelineConfig, force: bool):
     io.write_text(config_file, text)
 
 
+def run_folder(out=None, preset=None) -> Path:
+    """The run folder: ``out``, or ``runs/<preset>`` by default."""
+    return Path(out) if out else Path("runs") / (preset or DEFAULT_PRESET)
+
+
 def run(config_file=None, out=None, preset=None, overrides=(), force: bool = False, quiet: bool = False) -> Path:
     """Run (or resume) the pipeline into ``out``; returns the folder. See the module docstring."""
     cfg = load_config(preset, config_file, list(overrides))
@@ -143,7 +148,7 @@ def run(config_file=None, out=None, preset=None, overrides=(), force: bool = Fal
     distributed.init(device)  # under torchrun: join the other processes
     device = distributed.local_device(device)  # and take this process's GPU
     splits = load_data(cfg, device)  # a missing or malformed dataset fails before anything is written
-    folder = Path(out) if out else Path("runs") / (preset or "digits-convnet3")
+    folder = run_folder(out, preset)
     distributed.main_only(lambda: _claim_folder(folder, cfg, force))
     distributed.require_shared(folder / "config.yaml")
     state = Run(folder, cfg, device, splits, progress=not quiet)

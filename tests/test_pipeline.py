@@ -102,6 +102,27 @@ def test_sigkill_at_several_points_then_rerun_gives_the_same_results(finished_ru
     assert without_times(json.loads((folder / "results.json").read_text())) == expected
 
 
+def test_ctrl_c_prints_one_line_and_a_rerun_resumes(finished_run, tmp_path):
+    """SIGINT (Ctrl-C) inside IMP: one line on stderr saying what was kept, exit 130, and the rerun
+    finishes with the uninterrupted results."""
+    folder = tmp_path / "interrupted"
+    args = ["run", "--quiet", "--out", str(folder), *SHORT]
+    process = subprocess.Popen([sys.executable, "-m", "fastmask", *args], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    metrics = folder / "metrics.jsonl"
+    while process.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 130, stderr
+    assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+    assert "interrupted" in stderr and "distill, dense" in stderr and "rerun the same command to resume" in stderr
+    finished = cli(*args)
+    assert finished.returncode == 0, finished.stderr
+    expected = without_times(json.loads((finished_run / "results.json").read_text()))
+    assert without_times(json.loads((folder / "results.json").read_text())) == expected
+
+
 @pytest.mark.parametrize("args, message", [
     (["imp.roundz=3"], "unknown config key 'imp.roundz'"),
     (["imp.rounds=three"], "imp.rounds must be of type int"),

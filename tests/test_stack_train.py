@@ -1,5 +1,6 @@
 """Models, stacks of K models, and the training engine."""
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -108,20 +109,44 @@ def test_stack_rejects_mixed_architectures_and_wrong_batches():
 SMALL = TrainConfig(steps=12, batch_size=32, lr=0.05, warmup_steps=2)
 
 
-def test_stack_trains_like_models_one_by_one(digits):
-    """A stack of 3 reaches the weights of 3 models trained one after another with the same seeds."""
-    copies = masked_copies("convnet3", digits.train.image_shape, 3, width=8)
+def _stack_and_one_by_one(train, dtype):
+    """The largest normwise difference, over the tensors of 3 models, between a stack of 3 trained
+    together and the 3 models trained one after another with the same seeds."""
+    copies = [m.to(dtype) for m in masked_copies("convnet3", train.image_shape, 3, width=8)]
+    train = dataclasses.replace(train, images=train.images.to(dtype), validate=False)
     stack = Stack(copies)
-    fit(stack, digits.train, SMALL, seed=[10, 11, 12], progress=False)
+    fit(stack, train, SMALL, seed=[10, 11, 12], progress=False)
     for k, model in enumerate(copies):
-        fit(model, digits.train, SMALL, seed=10 + k, progress=False)
+        fit(model, train, SMALL, seed=10 + k, progress=False)
+    worst = 0.0
     for trained, alone in zip(stack.split(), copies):
         for (key, a), b in zip(trained.state_dict().items(), alone.state_dict().values()):
             if a.is_floating_point():
-                assert rel_error(a, b) < 1e-5, key
+                worst = max(worst, rel_error(a, b))
         for module in trained.modules():
             if hasattr(module, "mask"):
                 assert (module.weight[~module.mask] == 0).all()
+    return worst
+
+
+def test_stack_trains_like_models_one_by_one(digits):
+    """A stack of 3 reaches the weights of 3 models trained one after another with the same seeds.
+
+    The two compute the same function in another order: a stack's convolution is one grouped conv
+    (K groups) where the models run K convs, and its GroupNorm applies the affine in a separate
+    addcmul. Each step therefore rounds differently, by a few machine epsilons, and training
+    amplifies those differences over the steps (momentum SGD, 12 steps at lr 0.05). In float64 the
+    difference is pure rounding (1.8e-14 measured, whatever the thread count): any error of logic
+    (a seed, a mask, a model's data) would show as O(1). The float64 run also measures the
+    amplification of this training, A = error / eps64 (about 80); the float32 error is that
+    amplification of float32's epsilon, A * eps32 (1.2e-5 measured with 1 thread, 8e-6 with 2: a
+    fixed 1e-5 bound failed on some machines), and must stay within 10x of it.
+    """
+    error64 = _stack_and_one_by_one(digits.train, torch.float64)
+    assert error64 < 1e-10
+    amplification = max(error64, torch.finfo(torch.float64).eps) / torch.finfo(torch.float64).eps
+    error32 = _stack_and_one_by_one(digits.train, torch.float32)
+    assert error32 < 10 * amplification * torch.finfo(torch.float32).eps, (error32, amplification)
 
 
 def test_resume_from_checkpoint_is_exact(digits, tmp_path, monkeypatch):
