@@ -6,8 +6,8 @@ parameters, with normalisation layers in eval mode (running statistics, nothing 
 Hutchinson: for Rademacher probes z (entries +-1), E[z * Hz] = diag(H) and E[z^T H z] = tr(H);
 each estimate comes with its standard error over the probes.
 
-How it runs: probes are drawn from a counter-based generator (Philox4x32-10 keyed by the seed),
-so probe p is the same whatever the batching; ``probe_batch`` probes go through one
+How it runs: probes are drawn from a counter-based generator (Philox4x32-10 keyed by the seed,
+each draw's 128 bits giving 128 entries), so probe p is the same whatever the batching; ``probe_batch`` probes go through one
 Hessian-vector product at a time (``torch.func``: vmap over forward-over-reverse ``jvp(grad)``,
 or over reverse-over-reverse ``vjp(grad)`` where forward-mode AD is missing for an op); z * Hz
 is folded into running per-entry means and variances in one pass. On CUDA the probes and the
@@ -59,7 +59,9 @@ PHILOX_ROUND_B = 0xCD9E8D57
 PHILOX_KEY_A = 0x9E3779B9
 PHILOX_KEY_B = 0xBB67AE85
 _UINT32 = 0xFFFFFFFF
-_REFERENCE_CHUNK = 1 << 22  # counters per step of the reference generator (bounds its memory)
+BITS_PER_WORD = 32
+ENTRIES_PER_DRAW = 4 * BITS_PER_WORD  # every bit of a draw's four words is a probe entry
+_REFERENCE_CHUNK = 1 << 22  # probe entries per step of the reference generator (bounds its memory)
 
 
 def _mulhilo32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -90,15 +92,22 @@ def rademacher_probes_reference(seed: int, first_probe: int, num_probes: int, n:
                                 mask: Optional[Tensor] = None, dtype: torch.dtype = torch.float32,
                                 device="cpu") -> Tensor:
     """Probes ``first_probe .. first_probe + num_probes - 1``, [num_probes, n]: entry e of probe p
-    is +1 or -1 by the top bit of ``philox4x32(seed, e mod 2^32, e div 2^32, p, 0)[0]``, and 0
-    where the boolean ``mask`` [n] is False. The torch reference of ``rademacher_probes``."""
+    is +1 or -1 by bit ``e mod 32`` of word ``(e div 32) mod 4`` of
+    ``philox4x32(seed, c mod 2^32, c div 2^32, p, 0)`` with ``c = e div 128`` (one draw gives 128
+    entries: all its bits are used), and 0 where the boolean ``mask`` [n] is False. The torch
+    reference of ``rademacher_probes``."""
     out = torch.empty((num_probes, n), dtype=dtype, device=device)
     probes = torch.arange(first_probe, first_probe + num_probes, dtype=torch.int64, device=device)[:, None]
-    step = max(1, _REFERENCE_CHUNK // num_probes)
-    for start in range(0, n, step):
-        entries = torch.arange(start, min(n, start + step), dtype=torch.int64, device=device)[None, :]
-        bits = philox4x32(seed, entries & _UINT32, entries >> 32, probes, 0)[0]
-        out[:, start:start + entries.shape[1]] = 1 - 2 * (bits >> 31)
+    shifts = torch.arange(BITS_PER_WORD, dtype=torch.int64, device=device)
+    step = max(1, _REFERENCE_CHUNK // (num_probes * ENTRIES_PER_DRAW))  # counters per step
+    counters = -(-n // ENTRIES_PER_DRAW)
+    for start in range(0, counters, step):
+        counter = torch.arange(start, min(counters, start + step), dtype=torch.int64, device=device)[None, :]
+        words = torch.stack(philox4x32(seed, counter & _UINT32, counter >> 32, probes, 0), dim=-1)  # [P, c, 4]
+        bits = (words[..., None] >> shifts) & 1  # [P, c, 4, 32]
+        first = start * ENTRIES_PER_DRAW
+        last = min(n, first + bits[0].numel())
+        out[:, first:last] = (1 - 2 * bits.flatten(1))[:, :last - first]
     if mask is not None:
         out.mul_(mask)
     return out

@@ -1,10 +1,12 @@
 """Hutchinson estimator kernels: Rademacher probes from a counter-based generator, and the fused
 accumulation of z * Hz into running per-entry statistics.
 
-- ``rademacher``: probe ``p``'s entry ``e`` is the sign of one Philox4x32-10 draw keyed by the seed
-  at the counter (e mod 2^32, e div 2^32, p, 0). A probe depends only on (seed, p), never on how
-  the probes are split into launches, so any ``probe_batch`` gives the same probes. Pruned
-  entries (mask 0) are exactly 0.
+- ``rademacher``: probe ``p``'s entry ``e`` is the sign given by bit ``e mod 32`` of word
+  ``(e div 32) mod 4`` of the Philox4x32-10 draw keyed by the seed at the counter
+  (c mod 2^32, c div 2^32, p, 0), ``c = e div 128``: every bit of a draw is used, so the torch
+  reference (which cannot afford one draw per entry on a CPU) computes a draw per 128 entries. A
+  probe depends only on (seed, p), never on how the probes are split into launches, so any
+  ``probe_batch`` gives the same probes. Pruned entries (mask 0) are exactly 0.
 - ``welford_update``: for a batch z, Hz [P, n] it forms x = z * Hz, the batch's per-entry mean and
   sum of squared deviations (Welford over the P rows), merges them into the running (count, mean,
   M2) with Chan's parallel rule, and writes each probe's partial sum of x per block of entries
@@ -29,12 +31,16 @@ def rademacher_kernel(out_ptr, mask_ptr, seed, first_probe, n, HAS_MASK: tl.cons
     row = tl.program_id(1)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < n
-    counter_lo = (offs & 0xFFFFFFFF).to(tl.uint32)
-    counter_hi = (offs >> 32).to(tl.uint32)
+    counter = offs >> 7  # 128 entries per draw: four 32-bit words
+    counter_lo = (counter & 0xFFFFFFFF).to(tl.uint32)
+    counter_hi = (counter >> 32).to(tl.uint32)
     zero = tl.zeros([BLOCK], dtype=tl.uint32)
     probe = zero + (first_probe + row).to(tl.uint32)
-    bits, _, _, _ = tl.philox(seed, counter_lo, counter_hi, probe, zero)
-    sign = tl.where((bits >> 31) == 0, 1.0, -1.0)
+    w0, w1, w2, w3 = tl.philox(seed, counter_lo, counter_hi, probe, zero)
+    word_index = (offs >> 5) & 3
+    word = tl.where(word_index == 0, w0, tl.where(word_index == 1, w1, tl.where(word_index == 2, w2, w3)))
+    bit = (word >> (offs & 31).to(tl.uint32)) & 1
+    sign = tl.where(bit == 0, 1.0, -1.0)
     if HAS_MASK:
         keep = tl.load(mask_ptr + offs, mask=valid, other=0)
         sign = tl.where(keep != 0, sign, 0.0)

@@ -391,10 +391,19 @@ def test_rademacher_kernel_matches_reference(triton_backend, seed, masked):
 
 
 def test_reference_probes_are_independent_of_chunking(monkeypatch):
-    whole = rademacher_probes_reference(3, 0, 4, 50, dtype=DT)
-    monkeypatch.setattr(hessian, "_REFERENCE_CHUNK", 7)
-    assert torch.equal(rademacher_probes_reference(3, 0, 4, 50, dtype=DT), whole)
+    whole = rademacher_probes_reference(3, 0, 4, 1037, dtype=DT)
+    monkeypatch.setattr(hessian, "_REFERENCE_CHUNK", 4 * 2 * hessian.ENTRIES_PER_DRAW)  # 2 draws per step
+    assert torch.equal(rademacher_probes_reference(3, 0, 4, 1037, dtype=DT), whole)
     assert not torch.equal(whole[0], whole[1])
+
+
+@pytest.mark.parametrize("entry", [0, 37, 127, 128, 200, 1036])
+def test_probe_entries_are_the_bits_of_philox_draws(entry):
+    """Entry e of probe p: bit e mod 32 of word (e div 32) mod 4 of the draw at counter e div 128."""
+    seed, probe = 99, 3
+    words = philox4x32(seed, entry // 128, 0, probe, 0)
+    bit = (int(words[(entry // 32) % 4]) >> (entry % 32)) & 1
+    assert rademacher_probes_reference(seed, probe, 1, 1037, dtype=DT)[0, entry].item() == 1 - 2 * bit
 
 
 @pytest.mark.parametrize("count", [0, 7])
