@@ -30,7 +30,7 @@ import torch
 
 import fastmask.models as fastmask_models
 from fastmask import data
-from fastmask.prune import apply_masks as fastmask_apply_masks
+from fastmask.masks import apply as fastmask_apply_masks
 from fastmask.stack import Stack
 from fastmask.train import TrainConfig, fit
 

@@ -8,7 +8,8 @@ Example::
 """
 from importlib.metadata import PackageNotFoundError, version
 
-from fastmask import backend, data, distill, hessian, landscape, lmc, models, nn, ops, optim, prune, stack, train
+from fastmask import (backend, combinations, data, distill, evaluation, hessian, landscape, lmc, masks, models, nn, ops,
+                      optim, prune, stack, train)
 from fastmask.nn import sparsify
 
 try:
@@ -16,5 +17,5 @@ try:
 except PackageNotFoundError:  # imported from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["backend", "data", "distill", "hessian", "landscape", "lmc", "models", "nn", "ops", "optim", "prune",
-           "sparsify", "stack", "train", "__version__"]
+__all__ = ["backend", "combinations", "data", "distill", "evaluation", "hessian", "landscape", "lmc", "masks", "models",
+           "nn", "ops", "optim", "prune", "sparsify", "stack", "train", "__version__"]

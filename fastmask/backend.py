@@ -19,6 +19,8 @@ import os
 
 import torch
 
+from fastmask.kernels import interpreter_on  # the kernels' own test (they import nothing from fastmask)
+
 BACKENDS = ("auto", "triton", "torch")
 
 
@@ -29,11 +31,6 @@ _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 def triton_available() -> bool:
     """True when triton is installed (it is a Linux-only dependency)."""
     return _TRITON_INSTALLED
-
-
-def interpreter_on() -> bool:
-    """True when triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def selected() -> str:

@@ -1,6 +1,8 @@
 """The pipeline's configuration: typed dataclasses, YAML files, ``key=value`` overrides, presets.
 
-Every section is a plain dataclass; ``PipelineConfig`` holds them all. ``load_config`` starts
+Every section is a plain dataclass; ``PipelineConfig`` holds them all: the shared sections
+(``seed``, ``device``, ``data``, ``model``, ``train``, ``inner_train``) and one per stage of the
+registry (``fastmask.stages``), its ``Config`` under its name. ``load_config`` starts
 from a preset, applies a YAML file, then ``section.key=value`` overrides (values parsed as YAML:
 ``imp.rounds=3``, ``distill.method=dsa``, ``train.milestones=[0.5,0.75]``). An unknown key or a
 value of the wrong type is a ``ValueError`` that names it, raised before any work starts.
@@ -20,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from fastmask.stages import STAGES
+from fastmask.stages.base import one_of
 from fastmask.train import TrainConfig
 
 
@@ -34,7 +38,7 @@ class DataConfig:
     def __post_init__(self):
         from fastmask.data import DATASETS
 
-        _choice("name", self.name, DATASETS)
+        one_of("name", self.name, DATASETS)
 
 
 @dataclasses.dataclass
@@ -46,100 +50,30 @@ class ModelConfig:
     def __post_init__(self):
         from fastmask.models import MODELS
 
-        _choice("name", self.name, MODELS)
+        one_of("name", self.name, MODELS)
         if self.norm is not None:
-            _choice("norm", self.norm, ("instance", "batch", "layer", "none"))
+            one_of("norm", self.norm, ("instance", "batch", "layer", "none"))
 
 
 @dataclasses.dataclass
-class DistillConfig:
-    method: str = "dm"  # dm | dsa | dc | idc | mtt | random
-    images_per_class: int = 10
-    iterations: int = 200
-    num_networks: int = 4  # random networks per iteration, run as one stack
-    batch_real: int = 256  # real images per class and network in a matching step
-    width: int | None = None  # ConvNet width used while distilling (None: the model's)
-    eval_seeds: int = 3  # networks trained from scratch on the set to report its accuracy
+class BaseConfig:
+    """The sections every stage shares; ``PipelineConfig`` adds one section per registered stage."""
 
-    def __post_init__(self):
-        _choice("method", self.method, ("dm", "dsa", "dc", "idc", "mtt", "random"))
-        _positive("images_per_class", self.images_per_class)
-        _positive("num_networks", self.num_networks)
-        _positive("batch_real", self.batch_real)
-        _positive("eval_seeds", self.eval_seeds)
-
-
-@dataclasses.dataclass
-class IMPConfig:
-    rounds: int = 5
-    rate: float = 0.2
-    rewind_step: int = 0
-    scope: str = "global"  # global | layer
-    random_baseline: bool = True  # random (layer-wise) masks at the same densities, retrained
-    retrain_stack: int = 4  # masks retrained at once as one stack
-
-    def __post_init__(self):
-        if not 0 < self.rate < 1:
-            raise ValueError(f"rate must lie in (0, 1), got {self.rate}")
-        _choice("scope", self.scope, ("global", "layer"))
-        _positive("retrain_stack", self.retrain_stack)
-        if self.rounds < 0 or self.rewind_step < 0:
-            raise ValueError("rounds and rewind_step must be >= 0")
-
-
-@dataclasses.dataclass
-class LMCConfig:
-    alphas: int = 30
-    seeds: tuple[int, int] = (1, 2)  # the two copies' data orders
-    bn_reset: bool = True  # also report BatchNorm-reset (REPAIR) curves when the model has BatchNorm
-
-    def __post_init__(self):
-        if self.alphas < 2:
-            raise ValueError(f"alphas must be >= 2 (the endpoints), got {self.alphas}")
-
-
-@dataclasses.dataclass
-class LandscapeConfig:
-    enabled: bool = True
-    grid: int = 11  # points per axis of the plane through the rewind weights and the two LMC copies
-
-
-@dataclasses.dataclass
-class HessianConfig:
-    num_probes: int = 64
-    examples: int = 512  # training examples the Hessian's mean loss is taken over
-    batch_size: int = 256
-
-    def __post_init__(self):
-        if self.num_probes < 2:
-            raise ValueError(f"num_probes must be >= 2 (for a standard error), got {self.num_probes}")
-        _positive("examples", self.examples)
-        _positive("batch_size", self.batch_size)
-
-
-@dataclasses.dataclass
-class PipelineConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # dense training and retraining
     inner_train: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # IMP on the distilled set
-    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
-    imp: IMPConfig = dataclasses.field(default_factory=IMPConfig)
-    lmc: LMCConfig = dataclasses.field(default_factory=LMCConfig)
-    landscape: LandscapeConfig = dataclasses.field(default_factory=LandscapeConfig)
-    hessian: HessianConfig = dataclasses.field(default_factory=HessianConfig)
 
 
-def _choice(key: str, value, choices):
-    if value not in choices:
-        raise ValueError(f"{key} must be one of {sorted(choices)}, got {value!r}")
-
-
-def _positive(key: str, value):
-    if value < 1:
-        raise ValueError(f"{key} must be >= 1, got {value}")
+# The full configuration: the shared sections, then each stage's own (``cfg.imp``, ``cfg.lmc``, ...),
+# in the order of the registry.
+PipelineConfig = dataclasses.make_dataclass(
+    "PipelineConfig", [(stage.name, stage.config, dataclasses.field(default_factory=stage.config))
+                       for stage in STAGES if stage.config is not None], bases=(BaseConfig,))
+PipelineConfig.__module__ = __name__
+PipelineConfig.__doc__ = "The pipeline's configuration: the shared sections and one section per stage."
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -7,17 +7,18 @@ Hutchinson: for Rademacher probes z (entries +-1), E[z * Hz] = diag(H) and E[z^T
 each estimate comes with its standard error over the probes.
 
 How it runs: probes are drawn from a counter-based generator (Philox4x32-10 keyed by the seed,
-each draw's 128 bits giving 128 entries), so probe p is the same whatever the batching; ``probe_batch`` probes go through one
+each draw's 128 bits giving 128 entries),
+so probe p is the same whatever the batching; ``probe_batch`` probes go through one
 Hessian-vector product at a time (``torch.func``: vmap over forward-over-reverse ``jvp(grad)``,
 or over reverse-over-reverse ``vjp(grad)`` where forward-mode AD is missing for an op); z * Hz
 is folded into running per-entry means and variances in one pass. On CUDA the probes and the
-accumulation are Triton kernels (``fastmask.kernels.hutchinson``); elsewhere the torch references
-below, which draw the very same probes.
+accumulation are Triton kernels; elsewhere their torch references, which draw the very same probes
+(``fastmask.ops.hutchinson``).
 
-Masked models: a parameter ``weight`` whose module has a ``mask`` buffer of its shape (fastmask's
-``MaskedConv2d`` / ``MaskedLinear``), or a parameter ``<name>_orig`` with a ``<name>_mask`` buffer
-(``torch.nn.utils.prune``), is probed on its unpruned entries only: its pruned entries report a
-diagonal of 0 and are left out of the trace and the summaries.
+Masked models: a parameter with a mask (``fastmask.masks.by_parameter``: a ``weight`` beside a
+``mask`` buffer, as fastmask's ``MaskedConv2d`` / ``MaskedLinear``, or ``torch.nn.utils.prune``'s
+``<name>_orig`` beside ``<name>_mask``) is probed on its unpruned entries only: its pruned entries
+report a diagonal of 0 and are left out of the trace and the summaries.
 
 Example::
 
@@ -40,113 +41,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from fastmask import backend
+from fastmask import masks as masks_module
+from fastmask.evaluation import Batches
+from fastmask.ops.hutchinson import accumulate_probes, rademacher_probes
 
-__all__ = [
-    "HessianDiag", "LayerSummary", "hessian_diag", "top_eigenvalue",
-    "philox4x32", "rademacher_probes", "rademacher_probes_reference",
-    "accumulate_probes", "accumulate_probes_reference",
-]
-
-# ----------------------------------------------------------------------------- probes
-
-# Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", 2011), the
-# generator of triton's tl.philox. The reference draws the same bits with 64-bit integer torch
-# ops so that the CPU path and the kernels agree probe for probe: results do not depend on the
-# backend, and the kernel is tested for equality, not for distribution.
-PHILOX_ROUND_A = 0xD2511F53
-PHILOX_ROUND_B = 0xCD9E8D57
-PHILOX_KEY_A = 0x9E3779B9
-PHILOX_KEY_B = 0xBB67AE85
-_UINT32 = 0xFFFFFFFF
-BITS_PER_WORD = 32
-ENTRIES_PER_DRAW = 4 * BITS_PER_WORD  # every bit of a draw's four words is a probe entry
-_REFERENCE_CHUNK = 1 << 22  # probe entries per step of the reference generator (bounds its memory)
-
-
-def _mulhilo32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
-    """High and low 32 bits of the 64-bit product a * b (uint32 values held in int64), computed
-    on 16-bit halves so that no intermediate overflows int64."""
-    a_hi, a_lo = a >> 16, a & 0xFFFF
-    b_hi, b_lo = b >> 16, b & 0xFFFF
-    low = a_lo * b_lo
-    middle = a_hi * b_lo + a_lo * b_hi + (low >> 16)
-    return a_hi * b_hi + (middle >> 16), ((middle & 0xFFFF) << 16) | (low & 0xFFFF)
-
-
-def philox4x32(seed: int, c0, c1, c2, c3, rounds: int = 10) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Philox4x32 with key (seed mod 2^32, seed div 2^32) on counters c0..c3 (int64 tensors or
-    ints holding uint32 values; they broadcast). Returns four int64 tensors of uint32 values,
-    equal to triton's ``tl.philox(seed, c0, c1, c2, c3)``."""
-    k0, k1 = seed & _UINT32, (seed >> 32) & _UINT32
-    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) for c in (c0, c1, c2, c3))
-    for _ in range(rounds):
-        hi_b, lo_b = _mulhilo32(PHILOX_ROUND_B, c2)
-        hi_a, lo_a = _mulhilo32(PHILOX_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0, k1 = (k0 + PHILOX_KEY_A) & _UINT32, (k1 + PHILOX_KEY_B) & _UINT32
-    return c0, c1, c2, c3
-
-
-def rademacher_probes_reference(seed: int, first_probe: int, num_probes: int, n: int,
-                                mask: Optional[Tensor] = None, dtype: torch.dtype = torch.float32,
-                                device="cpu") -> Tensor:
-    """Probes ``first_probe .. first_probe + num_probes - 1``, [num_probes, n]: entry e of probe p
-    is +1 or -1 by bit ``e mod 32`` of word ``(e div 32) mod 4`` of
-    ``philox4x32(seed, c mod 2^32, c div 2^32, p, 0)`` with ``c = e div 128`` (one draw gives 128
-    entries: all its bits are used), and 0 where the boolean ``mask`` [n] is False. The torch
-    reference of ``rademacher_probes``."""
-    out = torch.empty((num_probes, n), dtype=dtype, device=device)
-    probes = torch.arange(first_probe, first_probe + num_probes, dtype=torch.int64, device=device)[:, None]
-    shifts = torch.arange(BITS_PER_WORD, dtype=torch.int64, device=device)
-    step = max(1, _REFERENCE_CHUNK // (num_probes * ENTRIES_PER_DRAW))  # counters per step
-    counters = -(-n // ENTRIES_PER_DRAW)
-    for start in range(0, counters, step):
-        counter = torch.arange(start, min(counters, start + step), dtype=torch.int64, device=device)[None, :]
-        words = torch.stack(philox4x32(seed, counter & _UINT32, counter >> 32, probes, 0), dim=-1)  # [P, c, 4]
-        bits = (words[..., None] >> shifts) & 1  # [P, c, 4, 32]
-        first = start * ENTRIES_PER_DRAW
-        last = min(n, first + bits[0].numel())
-        out[:, first:last] = (1 - 2 * bits.flatten(1))[:, :last - first]
-    if mask is not None:
-        out.mul_(mask)
-    return out
-
-
-def rademacher_probes(seed: int, first_probe: int, num_probes: int, n: int, mask: Optional[Tensor] = None,
-                      dtype: torch.dtype = torch.float32, device="cpu") -> Tensor:
-    """Rademacher probes ``first_probe .. first_probe + num_probes - 1`` as [num_probes, n], 0 where
-    ``mask`` is False: the Triton kernel or the bit-identical torch reference (``fastmask.backend``)."""
-    device = torch.device(device)
-    if backend.use_triton(torch.empty(0, dtype=dtype, device=device)):
-        from fastmask.kernels import hutchinson
-
-        return hutchinson.rademacher(seed, first_probe, num_probes, n, mask, dtype, device)
-    return rademacher_probes_reference(seed, first_probe, num_probes, n, mask, dtype, device)
-
-
-def accumulate_probes_reference(z: Tensor, hz: Tensor, count: int, mean: Tensor, m2: Tensor):
-    """Merge the samples x = z * Hz (rows of [P, n]) into running statistics of ``count`` samples
-    per entry (``mean``, ``m2`` = sum of squared deviations, [n]) by Chan's parallel rule.
-    Returns (mean, m2, probe_sums [P]). The torch reference of ``accumulate_probes``."""
-    x = z.to(mean.dtype) * hz.to(mean.dtype)
-    num_probes = x.shape[0]
-    batch_mean = x.mean(dim=0)
-    batch_m2 = (x - batch_mean).square_().sum(dim=0)
-    total = count + num_probes
-    delta = batch_mean - mean
-    return (mean + delta * (num_probes / total), m2 + batch_m2 + delta.square() * (count * num_probes / total),
-            x.sum(dim=1))
-
-
-def accumulate_probes(z: Tensor, hz: Tensor, count: int, mean: Tensor, m2: Tensor):
-    """``accumulate_probes_reference`` fused into one pass over z and Hz on the Triton path."""
-    if backend.use_triton(z, hz, mean, m2, kernel_dtypes=(torch.float32,)):
-        from fastmask.kernels import hutchinson
-
-        return hutchinson.welford_update(z, hz, count, mean, m2)
-    return accumulate_probes_reference(z, hz, count, mean, m2)
-
+__all__ = ["HessianDiag", "LayerSummary", "hessian_diag", "top_eigenvalue"]
 
 # ----------------------------------------------------------------------------- results
 
@@ -191,23 +90,6 @@ class HessianDiag:
 # ----------------------------------------------------------------------------- the operator
 
 
-def _parameter_mask(owner: nn.Module, leaf: str, param: Tensor) -> Optional[Tensor]:
-    """The pruning mask of ``owner.<leaf>``, duck-typed: a ``mask`` buffer beside ``weight``, or
-    torch.nn.utils.prune's ``<name>_mask`` beside ``<name>_orig``."""
-    buffers = dict(owner.named_buffers(recurse=False))
-    if leaf == "weight":
-        mask = buffers.get("mask")
-    elif leaf.endswith("_orig"):
-        mask = buffers.get(leaf[: -len("_orig")] + "_mask")
-    else:
-        return None
-    if mask is None or mask.shape != param.shape:
-        return None
-    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
-        raise ValueError(f"model: the mask of {leaf!r} in {type(owner).__name__} must be boolean or 0/1")
-    return mask != 0
-
-
 class _MeanLossHessian:
     """The Hessian of the mean loss over all of ``data`` with respect to the trainable parameters,
     applied to flat vectors: ``apply(v)`` maps [P, n] to [P, n], entries in ``named_parameters``
@@ -234,9 +116,9 @@ class _MeanLossHessian:
         if nonfinite:
             raise ValueError(f"model: parameters with NaN or Inf: {nonfinite}")
         self.model, self.loss_fn = model, loss_fn
-        # a one-shot iterator is kept: every probe batch passes over all of the data
-        self.data = list(data) if iter(data) is data else data
         self.device = devices.pop()
+        # every probe batch passes over all of the data (a one-shot iterator is kept)
+        self.data = Batches(data, self.device, name="data", class_targets=False)
         self.names = [name for name, _ in named]
         self.params = {name: p.detach() for name, p in named}
         self.shapes = [p.shape for _, p in named]
@@ -244,10 +126,8 @@ class _MeanLossHessian:
         self.n = sum(self.numels)
         # statistics in float32 at least: one bf16 rounding per probe would swamp the mean
         self.dtype = torch.float64 if any(p.dtype == torch.float64 for _, p in named) else torch.float32
-        masks = []
-        for name, p in named:
-            module_name, _, leaf = name.rpartition(".")
-            masks.append(_parameter_mask(model.get_submodule(module_name), leaf, p))
+        found = masks_module.by_parameter(model)
+        masks = [found.get(p) for _, p in named]
         self.mask = None
         if any(m is not None for m in masks):
             self.mask = torch.cat([(torch.ones_like(p, dtype=torch.bool) if m is None else m).reshape(-1)
@@ -297,20 +177,12 @@ class _MeanLossHessian:
         num_vectors = vectors.shape[0]
         tangents = {name: t.to(self.params[name].dtype) for name, t in self.unflatten(vectors).items()}
         total, samples = None, 0
-        for batch in self.data:
-            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                raise TypeError("data: every batch must be an (inputs, targets) pair")
-            inputs, targets = batch
-            if not isinstance(inputs, Tensor):
-                raise TypeError(f"data: inputs must be tensors, got {type(inputs).__name__}")
-            inputs = inputs.to(self.device)
-            if isinstance(targets, Tensor):
-                targets = targets.to(self.device)
+        for inputs, targets in self.data:
             products = self._products(inputs, targets, tangents)
             flat = torch.cat([products[name].reshape(num_vectors, -1).to(self.dtype) for name in self.names], dim=1)
             total = flat if total is None else total.add_(flat)
             samples += inputs.shape[0]
-        if total is None or samples == 0:
+        if samples == 0:
             raise ValueError("data: holds no samples")
         return total.div_(samples)
 
@@ -439,7 +311,8 @@ def hessian_diag(model: nn.Module, loss_fn: Callable, data: Iterable, num_probes
         model: any ``nn.Module``, in any floating dtype (statistics kept in float32, or float64
             for float64 models). Put in eval mode for the computation, its modes restored after.
         loss_fn: ``loss_fn(outputs, targets)`` -> the mean loss of a batch (a scalar tensor).
-        data: an iterable of ``(inputs, targets)`` batches, iterated once per probe batch (a
+        data: an iterable of ``(inputs, targets)`` batches, or a fastmask ``Dataset`` (cut into
+            batches of 1024), iterated once per probe batch (``fastmask.evaluation.Batches``: a
             one-shot iterator is first gathered into a list). Batches are weighted by their size
             and moved to the model's device.
         num_probes: Rademacher probes, at least 2 (the standard errors need two).

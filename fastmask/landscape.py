@@ -16,7 +16,7 @@
   dimension (biases, normalisation parameters) and buffers get a zero direction, and pruned
   weights stay pruned (the direction is masked). The grid spans ``[-span, span]^2``.
 
-Each grid point is a network; chunks of points run as one stack (``fastmask.lmc``'s engine: the
+Each grid point is a network; chunks of points run as one stack (``fastmask.combinations``: the
 data is read once per chunk, K networks per batch), chunked to fit memory. The result holds the
 coordinates, the loss and error grids, and writes a contour plot with ``save_plot``.
 
@@ -41,7 +41,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fastmask import lmc
+from fastmask.combinations import aligned_sources, check_models, evaluate_combinations
+from fastmask.evaluation import DEFAULT_BATCH_SIZE, LossFn
 from fastmask.nn import is_masked
 
 __all__ = ["LandscapeResult", "plane", "random_directions"]
@@ -117,14 +118,14 @@ def _dot(xs: list[Tensor], ys: list[Tensor]) -> float:
 
 def _evaluate(sources, coefficients: np.ndarray, data, grid, loss_fn, bn_reset_data, batch_size, chunk, progress):
     nx, ny = grid
-    loss, error = lmc.evaluate_combinations(sources, torch.from_numpy(coefficients), data, loss_fn=loss_fn,
-                                            bn_reset_data=bn_reset_data, batch_size=batch_size, chunk=chunk,
-                                            progress=progress, what="grid points")
+    loss, error = evaluate_combinations(sources, torch.from_numpy(coefficients), data, loss_fn=loss_fn,
+                                        bn_reset_data=bn_reset_data, batch_size=batch_size, chunk=chunk,
+                                        progress=progress, what="grid points")
     return np.array(loss).reshape(ny, nx), np.array(error).reshape(ny, nx)
 
 
 def plane(w0: nn.Module, w1: nn.Module, w2: nn.Module, data, grid=DEFAULT_GRID, *, margin: float = 0.2,
-          loss_fn: Optional[lmc.LossFn] = None, bn_reset_data=None, batch_size: int = lmc.DEFAULT_BATCH_SIZE,
+          loss_fn: Optional[LossFn] = None, bn_reset_data=None, batch_size: int = DEFAULT_BATCH_SIZE,
           chunk: Optional[int] = None, progress: bool = False) -> LandscapeResult:
     """Loss and error on the plane through three weight sets (coordinates: see the module docstring).
 
@@ -139,7 +140,7 @@ def plane(w0: nn.Module, w1: nn.Module, w2: nn.Module, data, grid=DEFAULT_GRID, 
 
         result = plane(init, trained_a, trained_b, splits.test, grid=(21, 21), bn_reset_data=splits.train)
     """
-    lmc._check_models([w0, w1, w2], ["w0", "w1", "w2"])
+    check_models([w0, w1, w2], ["w0", "w1", "w2"])
     nx, ny = _check_grid(grid)
     if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 0):
         raise ValueError(f"margin must be a non-negative number, got {margin!r}")
@@ -163,7 +164,7 @@ def plane(w0: nn.Module, w1: nn.Module, w2: nn.Module, data, grid=DEFAULT_GRID, 
     c2 = gy / across
     c1 = gx / u_norm - c2 * along / u_norm
     coefficients = np.stack([1 - c1 - c2, c1, c2], axis=-1).reshape(-1, 3)
-    sources = lmc.aligned_sources([w0, w1, w2])
+    sources = aligned_sources([w0, w1, w2])
     loss, error = _evaluate(sources, coefficients, data, (nx, ny), loss_fn, bn_reset_data, batch_size, chunk, progress)
     return LandscapeResult(x, y, loss, error, points, xlabel="distance along w1 - w0",
                            ylabel="orthogonal distance towards w2")
@@ -204,8 +205,8 @@ def _direction_model(model: nn.Module, direction: dict[str, Tensor]) -> nn.Modul
 
 
 def random_directions(model: nn.Module, data, grid=DEFAULT_GRID, *, span: float = 1.0, seed: int = 0,
-                      loss_fn: Optional[lmc.LossFn] = None, bn_reset_data=None,
-                      batch_size: int = lmc.DEFAULT_BATCH_SIZE, chunk: Optional[int] = None,
+                      loss_fn: Optional[LossFn] = None, bn_reset_data=None,
+                      batch_size: int = DEFAULT_BATCH_SIZE, chunk: Optional[int] = None,
                       progress: bool = False) -> LandscapeResult:
     """Loss and error around ``model`` along two filter-normalised random directions (Li et al.).
 
@@ -217,7 +218,7 @@ def random_directions(model: nn.Module, data, grid=DEFAULT_GRID, *, span: float 
         result = random_directions(model, splits.test, grid=(21, 21), seed=0)
         result.loss[10, 10]        # the model itself (the centre of a 21 x 21 grid)
     """
-    lmc._check_models([model], ["model"])
+    check_models([model], ["model"])
     nx, ny = _check_grid(grid)
     if not (isinstance(span, (int, float)) and math.isfinite(span) and span > 0):
         raise ValueError(f"span must be a positive number, got {span!r}")

@@ -13,17 +13,14 @@ gradient), since interpolated statistics are not the statistics of the interpola
 a (masked) network from the same weights, trained with different data orders and augmentation
 (one stack of 2), then interpolated on the train and the test data.
 
-How it runs: the two models become one ``fastmask.stack.Stack``; for a chunk of K alphas every
-layer holds its K interpolated tensors as a stack ``[K, ...]`` (BatchNorm statistics too) and
-each batch goes once through all K networks (``forward(x, shared=True)``), so the data is read
-once per chunk. On CUDA (or with ``FASTMASK_BACKEND=triton``) the conv and linear layers run
-``ops.interpolated_masked_conv2d`` / ``ops.interpolated_masked_linear``, which form the K
-interpolated masked weights inside the kernels' tile loads from one copy of each model; elsewhere
-the K weight sets are materialised and the stacked ops run. K is all the alphas unless memory is
-short: on CUDA the chunk comes from the free memory and the measured footprint of one alpha, on
-the CPU it is ``CPU_CHUNK``; the results do not depend on it. A model that does not stack (a layer
-type ``Stack`` does not know, or forward code that does not run on ``[K, B, ...]`` tensors: checked
-on two examples against the models themselves) is evaluated one alpha at a time, with a warning.
+How it runs: ``fastmask.combinations``' engine, with the alphas as the combinations
+``(1 - alpha, alpha)`` of the two models: the two become one ``fastmask.stack.Stack``, a chunk of
+K alphas runs as one stack of K networks, and each batch goes once through all of them, so the
+data is read once per chunk. On CUDA (or with ``FASTMASK_BACKEND=triton``) the conv and linear
+layers run ``ops.interpolated_masked_conv2d`` / ``ops.interpolated_masked_linear``, which form the
+K interpolated masked weights inside the kernels' tile loads from one copy of each model;
+elsewhere the K weight sets are materialised and the stacked ops run. Chunk sizes, and models that
+do not stack (evaluated one alpha at a time, with a warning): see ``fastmask.combinations``.
 
 Where the masks of the two models differ, the network at alpha interpolates the masked weights
 ``(1 - alpha) * (w_a * m_a) + alpha * (w_b * m_b)``, under the union of the masks.
@@ -43,28 +40,20 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import warnings
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from fastmask import backend, ops
-from fastmask.data import Dataset, DataSplits
-from fastmask.nn import is_masked, set_masks
-from fastmask.stack import Stack, StackedBatchNorm2d, StackedMaskedConv2d, StackedMaskedLinear
+from fastmask import backend, masks as masks_module
+from fastmask.combinations import aligned_sources, check_models, evaluate_combinations
+from fastmask.data import DataSplits
+from fastmask.evaluation import DEFAULT_BATCH_SIZE, LossFn
+from fastmask.stack import Stack
 
-__all__ = ["InterpolationResult", "InstabilityResult", "interpolate", "instability", "DEFAULT_ALPHAS"]
+__all__ = ["InterpolationResult", "InstabilityResult", "interpolate", "instability", "alpha_grid", "DEFAULT_ALPHAS"]
 
 DEFAULT_ALPHAS = 30  # evenly spaced, endpoints included (Frankle et al., 2020)
-DEFAULT_BATCH_SIZE = 1024  # examples per batch when data is a fastmask Dataset
-CPU_CHUNK = 16  # alphas (or grid points) per pass on the CPU
-MEMORY_FRACTION = 0.6  # of the free CUDA memory a chunk may take; the rest covers what one probe cannot see
-STACK_CHECK_TOLERANCE = 1e-2  # normwise; TF32 convolutions differ by ~1e-3, a forward that mixes models by O(1)
-
-LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 # ----------------------------------------------------------------------------- results
@@ -117,40 +106,7 @@ class InstabilityResult:
     test_reset: Optional[InterpolationResult] = None
 
 
-# ----------------------------------------------------------------------------- input checks
-
-
-def _check_models(models: Sequence[nn.Module], names: Sequence[str]) -> None:
-    """All models one architecture (module names and types, tensor names and shapes) on one device."""
-    for model, name in zip(models, names):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
-    first, first_name = models[0], names[0]
-    modules = dict((n, type(m)) for n, m in first.named_modules())
-    shapes = {n: tuple(t.shape) for n, t in first.state_dict().items()}
-    for model, name in zip(models[1:], names[1:]):
-        other = dict((n, type(m)) for n, m in model.named_modules())
-        if other != modules:
-            diff = sorted({n for n, _ in set(other.items()) ^ set(modules.items())})[0]
-            raise ValueError(f"{first_name} and {name} must share one architecture: module {diff!r} is "
-                             f"{_describe_module(modules.get(diff))} in {first_name} but "
-                             f"{_describe_module(other.get(diff))} in {name}")
-        state = model.state_dict()
-        if set(state) != set(shapes):
-            key = sorted(set(state) ^ set(shapes))[0]
-            raise ValueError(f"{first_name} and {name} must share one architecture: tensor {key!r} is in "
-                             f"{first_name if key in shapes else name} only")
-        for key, tensor in state.items():
-            if shapes[key] != tuple(tensor.shape):
-                raise ValueError(f"{first_name} and {name} must share one architecture: tensor {key!r} has shape "
-                                 f"{shapes.get(key)} in {first_name} but {tuple(tensor.shape)} in {name}")
-    devices = {t.device for model in models for t in model.state_dict().values()}
-    if len(devices) > 1:
-        raise ValueError(f"{' and '.join(names)} must be on one device, got {sorted(map(str, devices))}")
-
-
-def _describe_module(kind) -> str:
-    return "missing" if kind is None else kind.__name__
+# ----------------------------------------------------------------------------- alphas
 
 
 def alpha_grid(alphas) -> list[float]:
@@ -173,318 +129,6 @@ def alpha_grid(alphas) -> list[float]:
     if 0.0 not in values or 1.0 not in values:
         raise ValueError(f"alphas must include 0 and 1 (the endpoints of the barrier), got {values}")
     return values
-
-
-class _Batches:
-    """``data`` as a re-iterable of (inputs, targets) on ``device``: a fastmask Dataset (cut into
-    batches), or any iterable of pairs (a one-shot iterator is kept as a list, since chunks of
-    alphas may need several passes)."""
-
-    def __init__(self, data, device: torch.device, batch_size: int, name: str):
-        if data is None:
-            raise TypeError(f"{name} is required: an iterable of (inputs, targets) batches or a fastmask Dataset")
-        if isinstance(data, DataSplits):
-            raise TypeError(f"{name} must be one Dataset (e.g. splits.test), not DataSplits")
-        if not isinstance(data, Dataset):
-            try:
-                iterator = iter(data)
-            except TypeError:
-                raise TypeError(f"{name} must be an iterable of (inputs, targets) batches or a fastmask Dataset, "
-                                f"got {type(data).__name__}") from None
-            if iterator is data:
-                data = list(data)
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        self.data, self.device, self.batch_size, self.name = data, device, batch_size, name
-        if self.first() is None:
-            raise ValueError(f"{name} holds no examples")
-
-    def __iter__(self):
-        if isinstance(self.data, Dataset):
-            for start in range(0, len(self.data), self.batch_size):
-                yield (self.data.images[start:start + self.batch_size].to(self.device),
-                       self.data.labels[start:start + self.batch_size].to(self.device))
-            return
-        for i, batch in enumerate(self.data):
-            if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch)):
-                raise TypeError(f"{self.name}: batch {i} must be a pair (inputs, targets) of tensors, "
-                                f"got {type(batch).__name__}")
-            inputs, targets = batch
-            if targets.dim() != 1 or targets.shape[0] != inputs.shape[0] or targets.is_floating_point():
-                raise ValueError(f"{self.name}: batch {i} must have integer class targets [B] for inputs [B, ...], "
-                                 f"got targets {targets.dtype} {tuple(targets.shape)}, inputs {tuple(inputs.shape)}")
-            yield inputs.to(self.device), targets.to(self.device)
-
-    def first(self) -> Optional[tuple[Tensor, Tensor]]:
-        return next(iter(self), None)
-
-
-# ----------------------------------------------------------------------------- K networks from J sources
-
-
-def aligned_sources(models: Sequence[nn.Module]) -> list[nn.Module]:
-    """The models, or copies of them whose masked weights are pre-masked and whose masks are the
-    union of the models' masks where those differ: any combination of the copies' weights under
-    their (shared) masks is then the combination of the models' masked weights."""
-    differing = []
-    for name, module in models[0].named_modules():
-        if is_masked(module):
-            masks = [model.get_submodule(name).mask for model in models]
-            if not all(torch.equal(masks[0], m) for m in masks[1:]):
-                differing.append((name, torch.stack(masks).any(0)))
-    if not differing:
-        return list(models)
-    copies = [copy.deepcopy(model) for model in models]
-    with torch.no_grad():
-        for name, union in differing:
-            for model in copies:
-                layer = model.get_submodule(name)
-                layer.weight.mul_(layer.mask)
-                layer.mask.copy_(union)
-    return copies
-
-
-class _InterpolatedConv2d(nn.Module):
-    """The K = len(alphas) interpolations of a stacked pair of conv layers, formed in the kernel."""
-
-    def __init__(self, pair: StackedMaskedConv2d):
-        super().__init__()
-        self.stride, self.padding, self.dilation, self.groups = pair.stride, pair.padding, pair.dilation, pair.groups
-        self.padding_mode = pair.padding_mode
-        self._reversed_padding_repeated_twice = pair._reversed_padding_repeated_twice
-        self.register_buffer("weights", pair.weight.detach())  # [2, O, C/g, R, S]
-        self.register_buffer("biases", None if pair.bias is None else pair.bias.detach())  # [2, O]
-        self.register_buffer("mask", pair.mask[0])  # the pair's masks are one (aligned_sources)
-        self.alphas: Optional[Tensor] = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        padding = self.padding
-        if self.padding_mode != "zeros":
-            K, B = x.shape[:2]
-            x = F.pad(x.flatten(0, 1), self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            x, padding = x.view(K, B, *x.shape[1:]), 0
-        if x.stride(0) == 0:  # one batch seen by every alpha
-            x = x[:1]
-        biases = (None, None) if self.biases is None else (self.biases[0], self.biases[1])
-        return ops.interpolated_masked_conv2d(x, self.weights[0], self.weights[1], self.mask, self.alphas, *biases,
-                                              self.stride, padding, self.dilation, self.groups)
-
-
-class _InterpolatedLinear(nn.Module):
-    """The K = len(alphas) interpolations of a stacked pair of linear layers, formed in the kernel."""
-
-    def __init__(self, pair: StackedMaskedLinear):
-        super().__init__()
-        self.register_buffer("weights", pair.weight.detach())  # [2, out, in]
-        self.register_buffer("biases", None if pair.bias is None else pair.bias.detach())
-        self.register_buffer("mask", pair.mask[0])
-        self.alphas: Optional[Tensor] = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        K, lead = len(self.alphas), x.shape[1:-1]
-        flat = x[:1] if x.stride(0) == 0 else x
-        biases = (None, None) if self.biases is None else (self.biases[0], self.biases[1])
-        y = ops.interpolated_masked_linear(flat.reshape(flat.shape[0], -1, x.shape[-1]), self.weights[0],
-                                           self.weights[1], self.mask, self.alphas, *biases)
-        return y.view(K, *lead, y.shape[-1])
-
-
-class Combinations:
-    """K networks whose every floating tensor is ``sum_j coefficients[k, j] * source_j``'s tensor,
-    held as one stacked module (the sources must share their masks: see ``aligned_sources``).
-
-    With ``in_kernel`` (two sources, coefficients ``(1 - alpha, alpha)``), conv and linear layers
-    keep the two weight sets and interpolate them inside the kernels; otherwise every tensor is
-    materialised as a stack ``[K, ...]`` by ``networks``.
-    """
-
-    def __init__(self, stack: Stack, in_kernel: bool):
-        self.model = stack.model
-        self.kernel_layers: list[nn.Module] = []
-        if in_kernel:
-            for name, module in list(self.model.named_modules()):
-                replacement = {StackedMaskedConv2d: _InterpolatedConv2d,
-                               StackedMaskedLinear: _InterpolatedLinear}.get(type(module))
-                if replacement is not None:
-                    layer = replacement(module)
-                    parent, _, attr = name.rpartition(".")
-                    setattr(self.model.get_submodule(parent) if parent else self.model, attr, layer)
-                    self.kernel_layers.append(layer)
-        self.sources: list[tuple[nn.Module, str, bool, Tensor]] = []  # (module, name, is_parameter, [J, ...])
-        for module in self.model.modules():
-            if module in self.kernel_layers:
-                continue
-            for name, tensor in module.named_parameters(recurse=False):
-                self.sources.append((module, name, True, tensor.detach()))
-            for name, tensor in module.named_buffers(recurse=False):
-                if name == "mask":  # the sources' masks are one: keep a single copy, shared by all K
-                    module._buffers[name] = tensor[:1]
-                elif tensor.is_floating_point():
-                    self.sources.append((module, name, False, tensor.detach()))
-        self.batch_norms = [m for m in self.model.modules() if isinstance(m, StackedBatchNorm2d)
-                            and m.track_running_stats]
-
-    def networks(self, coefficients: Tensor) -> Callable[[Tensor], Tensor]:
-        """Set the K networks of ``coefficients`` ``[K, J]``; returns their forward for one shared batch."""
-        K = coefficients.shape[0]
-        for layer in self.kernel_layers:
-            layer.alphas = coefficients[:, 1].to(layer.weights.device, torch.float32)
-        for module, name, is_parameter, source in self.sources:
-            compute = torch.promote_types(source.dtype, torch.float32)
-            combined = torch.tensordot(coefficients.to(source.device, compute), source.to(compute), dims=1)
-            combined = combined.to(source.dtype)
-            if is_parameter:
-                module._parameters[name] = nn.Parameter(combined, requires_grad=False)
-            else:
-                module._buffers[name] = combined
-        return lambda x: self.model(x.expand(K, *x.shape))
-
-
-def stack_or_none(models: Sequence[nn.Module], inputs: Tensor) -> Optional[Stack]:
-    """A Stack of ``models`` if it computes what they compute (checked on two examples in eval
-    mode), else None with a warning: the caller then evaluates one network at a time."""
-    try:
-        stack = Stack(models)
-    except TypeError as error:
-        warnings.warn(f"the models do not stack ({error}); evaluating one network at a time", stacklevel=3)
-        return None
-    probe = inputs[:2]
-    modes = [model.training for model in models]
-    try:
-        with torch.no_grad():
-            expected = torch.stack([model.eval()(probe) for model in models]).double()
-            got = stack.eval()(probe, shared=True).double()
-    except (RuntimeError, ValueError) as error:
-        warnings.warn(f"the models' forward does not run on stacked [K, B, ...] tensors ({error}); "
-                      "evaluating one network at a time", stacklevel=3)
-        return None
-    finally:
-        for model, mode in zip(models, modes):
-            model.train(mode)
-    scale = expected.abs().max().clamp_min(1e-30)
-    if got.shape != expected.shape or not float((got - expected).abs().max() / scale) <= STACK_CHECK_TOLERANCE:
-        warnings.warn("the stacked models compute something else than the models (their forward code is not "
-                      "agnostic to a leading model dimension); evaluating one network at a time", stacklevel=3)
-        return None
-    return stack
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def _recompute_batch_norm(forward: Callable[[Tensor], Tensor], model: nn.Module, batch_norms: Sequence[nn.Module],
-                          batches: _Batches) -> None:
-    """REPAIR-style: reset the statistics, then one cumulative (momentum None) train-mode pass, no gradient."""
-    if not batch_norms:
-        return
-    for bn in batch_norms:
-        bn.momentum = None
-        bn.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        for inputs, _ in batches:
-            forward(inputs)
-    model.eval()
-
-
-def _accumulate(forward: Callable[[Tensor], Tensor], K: int, batches: _Batches, loss_fn: Optional[LossFn]):
-    """Mean loss and error over all examples of the K networks of ``forward`` (logits [K, B, classes])."""
-    loss_sum = correct = None
-    count = 0
-    with torch.no_grad():
-        for inputs, targets in batches:
-            logits = forward(inputs)
-            if logits.dtype != torch.float64:
-                logits = logits.float()
-            B = targets.shape[0]
-            if loss_fn is None:
-                batch_loss = F.cross_entropy(logits.flatten(0, 1), targets.repeat(K), reduction="none")
-                batch_loss = batch_loss.view(K, B).sum(1)
-            else:
-                batch_loss = torch.stack([torch.as_tensor(loss_fn(logits[k], targets)) for k in range(K)]) * B
-            hits = (logits.argmax(-1) == targets).sum(1)
-            loss_sum = batch_loss.double() if loss_sum is None else loss_sum + batch_loss.double()
-            correct = hits if correct is None else correct + hits
-            count += B
-    return (loss_sum / count).tolist(), (1 - correct.double() / count).tolist()
-
-
-def _chunk_size(combinations: Combinations, coefficients: Tensor, inputs: Tensor, requested: Optional[int]) -> int:
-    """Networks per pass: ``requested``; ``CPU_CHUNK`` on the CPU; on CUDA what fits in
-    ``MEMORY_FRACTION`` of the free memory, from one network's measured footprint on ``inputs``."""
-    K = coefficients.shape[0]
-    if requested is not None:
-        return min(requested, K)
-    if inputs.device.type != "cuda":
-        return min(CPU_CHUNK, K)
-    torch.cuda.synchronize(inputs.device)
-    base = torch.cuda.memory_allocated(inputs.device)
-    readings = [base]
-    hooks = [m.register_forward_hook(lambda *_: readings.append(torch.cuda.memory_allocated(inputs.device)))
-             for m in combinations.model.modules()]
-    try:
-        forward = combinations.networks(coefficients[:1])
-        readings.append(torch.cuda.memory_allocated(inputs.device))
-        with torch.no_grad():
-            forward(inputs)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    per_network = max(max(readings) - base, 1)
-    free, _ = torch.cuda.mem_get_info(inputs.device)
-    free += torch.cuda.memory_reserved(inputs.device) - torch.cuda.memory_allocated(inputs.device)
-    return max(1, min(K, int(MEMORY_FRACTION * free / per_network)))
-
-
-def evaluate_combinations(models: Sequence[nn.Module], coefficients: Tensor, data, *, loss_fn: Optional[LossFn] = None,
-                          bn_reset_data=None, batch_size: int = DEFAULT_BATCH_SIZE, chunk: Optional[int] = None,
-                          in_kernel: bool = False, progress: bool = False, what: str = "networks"):
-    """Loss and error lists over ``data`` of the K networks ``sum_j coefficients[k, j] * models[j]``
-    (``coefficients`` ``[K, J]`` float64); the engine of ``interpolate`` and ``fastmask.landscape``.
-
-    ``models`` must already be checked (one architecture, one device) and aligned (``aligned_sources``).
-    """
-    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
-        raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
-    device = next((t.device for t in models[0].state_dict().values()), torch.device("cpu"))
-    batches = _Batches(data, device, batch_size, "data")
-    reset = None if bn_reset_data is None else _Batches(bn_reset_data, device, batch_size, "bn_reset_data")
-    inputs = batches.first()[0]
-    K = coefficients.shape[0]
-    stack = stack_or_none(models, inputs)
-    losses: list[float] = []
-    errors: list[float] = []
-    if stack is None:
-        network = copy.deepcopy(models[0])
-        states = [model.state_dict() for model in models]
-        batch_norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                       and m.track_running_stats]
-        for row in tqdm(coefficients.tolist(), desc=what, disable=not progress, leave=False):
-            network.load_state_dict({name: sum(c * state[name] for c, state in zip(row, states))
-                                     if tensor.is_floating_point() else tensor for name, tensor in states[0].items()})
-            network.eval()
-            forward = lambda x: network(x).unsqueeze(0)  # noqa: E731
-            if reset is not None:
-                _recompute_batch_norm(forward, network, batch_norms, reset)
-            loss, error = _accumulate(forward, 1, batches, loss_fn)
-            losses += loss
-            errors += error
-        return losses, errors
-    combinations = Combinations(stack, in_kernel)
-    size = _chunk_size(combinations, coefficients, inputs, chunk)
-    bar = tqdm(total=K, desc=what, disable=not progress, leave=False)
-    for start in range(0, K, size):
-        part = coefficients[start:start + size]
-        forward = combinations.networks(part)
-        combinations.model.eval()
-        if reset is not None:
-            _recompute_batch_norm(forward, combinations.model, combinations.batch_norms, reset)
-        loss, error = _accumulate(forward, part.shape[0], batches, loss_fn)
-        losses += loss
-        errors += error
-        bar.update(part.shape[0])
-    bar.close()
-    return losses, errors
 
 
 # ----------------------------------------------------------------------------- public API
@@ -516,7 +160,7 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, alphas=DEFAULT_ALPHAS, d
         result = interpolate(model_a, model_b, 30, splits.test)
         result.error[0], result.error[-1]        # the two models' own test errors
     """
-    _check_models([model_a, model_b], ["model_a", "model_b"])
+    check_models([model_a, model_b], ["model_a", "model_b"])
     values = alpha_grid(alphas)
     coefficients = torch.tensor([[1.0 - a, a] for a in values], dtype=torch.float64)
     sources = aligned_sources([model_a, model_b])
@@ -537,7 +181,7 @@ def instability(model: nn.Module, masks: Optional[dict[str, Tensor]], rewind_wei
     Args:
         model: the architecture (a fastmask model, or one ``fastmask.sparsify`` made masked when
             ``masks`` is given); not modified.
-        masks: ``{"<module>.weight": mask}`` as ``fastmask.nn.get_masks`` gives them, or None (as is).
+        masks: ``{"<module>.weight": mask}`` as ``fastmask.masks.of`` gives them, or None (as is).
         rewind_weights: the state_dict both copies start from (e.g. IMP's rewind point), or None
             for ``model``'s current weights.
         data: ``fastmask.data.DataSplits``; training on ``data.train``, interpolation on train and test.
@@ -563,7 +207,7 @@ def instability(model: nn.Module, masks: Optional[dict[str, Tensor]], rewind_wei
     if rewind_weights is not None:
         start.load_state_dict(rewind_weights)
     if masks is not None:
-        set_masks(start, masks)
+        masks_module.apply(start, masks)
     pair = Stack([start, start])
     fit(pair, data.train, train_cfg, seed=seeds, progress=progress, description="instability")
     model_a, model_b = pair.split()

@@ -5,13 +5,14 @@
 masked kernels of ``fastmask.ops``. ``sparsify(model)`` turns every Conv2d/Linear of a model into
 its masked form in place, keeping the parameters (so existing optimizers still hold them), and
 takes over masks made with ``torch.nn.utils.prune``; ``to_torch_prune`` goes the other way.
+A model's masks are read and set by name with ``fastmask.masks`` (``of``, ``apply``, ``density``).
 
 Example::
 
     import torchvision, fastmask
     model = fastmask.sparsify(torchvision.models.resnet18(num_classes=10))
-    fastmask.nn.set_masks(model, {"fc.weight": model.fc.weight.abs() > 0.01})
-    print(fastmask.nn.density(model))
+    fastmask.masks.apply(model, {"fc.weight": model.fc.weight.abs() > 0.01})
+    print(fastmask.masks.density(model))
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import prune as torch_prune
 
-from fastmask import ops
+from fastmask import masks, ops
 
 
 class _Masked:
@@ -35,7 +36,7 @@ class _Masked:
     @torch.no_grad()
     def set_mask(self, mask: Tensor) -> None:
         """Replace the mask (boolean or 0/1, the weight's shape) and zero the pruned weights."""
-        mask = ops.check_mask(mask.to(self.weight.device), self.weight.shape)
+        mask = masks.check(mask, self.weight.shape).to(self.weight.device)
         self.mask.copy_(mask)
         self.weight.mul_(self.mask)
 
@@ -128,26 +129,3 @@ def to_torch_prune(model: nn.Module) -> nn.Module:
         module.__class__ = nn.Conv2d if isinstance(module, MaskedConv2d) else nn.Linear
         torch_prune.custom_from_mask(module, "weight", mask)
     return model
-
-
-def get_masks(model: nn.Module) -> dict[str, Tensor]:
-    """``{"<module>.weight": mask}`` for every masked module of ``model``."""
-    return {f"{name}.weight" if name else "weight": m.mask for name, m in model.named_modules() if is_masked(m)}
-
-
-def set_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
-    """Set the masks named like ``get_masks`` returns them; an unknown name is a ValueError."""
-    modules = {f"{name}.weight" if name else "weight": m for name, m in model.named_modules() if is_masked(m)}
-    unknown = sorted(set(masks) - set(modules))
-    if unknown:
-        raise ValueError(f"masks name weights that are not masked modules of the model: {unknown}")
-    for name, mask in masks.items():
-        modules[name].set_mask(mask)
-
-
-def density(model: nn.Module) -> float:
-    """Fraction of kept weights over all masked modules of ``model``."""
-    masks = list(get_masks(model).values())
-    if not masks:
-        return 1.0
-    return sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)

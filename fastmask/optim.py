@@ -4,7 +4,7 @@ Sparse training keeps a boolean mask per prunable weight. The eager way to train
 is torch's optimizer followed, tensor by tensor, by ``grad.mul_(mask)`` and ``param.mul_(mask)``:
 three or more kernels per tensor per step. ``MaskedSGD`` and ``MaskedAdamW`` do the update and the
 masking of all parameters of a param group in one Triton launch on CUDA (a multi-tensor kernel
-over a table of tensor addresses, ``fastmask.kernels.masked_optim``); elsewhere (CPU tensors,
+over a table of tensor addresses, ``fastmask.ops.optimizer_step``); elsewhere (CPU tensors,
 float64, ``FASTMASK_BACKEND=torch``) they run the torch reference below, vectorised with
 ``torch._foreach`` ops.
 
@@ -20,7 +20,7 @@ Example::
     from fastmask.optim import MaskedSGD
     opt = MaskedSGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4,
                     masks={model.fc.weight: model.fc.weight.abs() > 0.01})
-    # or, from a model of masked modules (anything with a `weight` and a boolean `mask` buffer):
+    # or, from a model of masked modules (fastmask.masks.by_parameter: a `weight` beside a `mask` buffer):
     opt = MaskedSGD.from_model(model, lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=100)
     for x, y in loader:
@@ -37,35 +37,10 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from fastmask import backend
+from fastmask import backend, masks as masks_module
+from fastmask.ops import optimizer_step
 
-__all__ = ["MaskedSGD", "MaskedAdamW", "masks_from_model"]
-
-
-def masks_from_model(model: nn.Module) -> dict[nn.Parameter, Tensor]:
-    """The masks of a model's masked modules, as the ``masks`` argument of the optimizers wants them.
-
-    A module counts as masked when it has a ``weight`` parameter and a ``mask`` buffer of its own
-    (``fastmask.nn.MaskedConv2d`` / ``MaskedLinear`` and anything shaped like them). A mask that
-    broadcasts to the weight (a stack of K models sharing one mask, ``[1, ...]``) is expanded to
-    the weight's shape. The masks are returned as they are; the optimizer validates and copies them.
-    """
-    masks: dict[nn.Parameter, Tensor] = {}
-    for name, module in model.named_modules():
-        weight = dict(module.named_parameters(recurse=False)).get("weight")
-        mask = dict(module.named_buffers(recurse=False)).get("mask")
-        if weight is None or mask is None:
-            continue
-        if mask.shape != weight.shape:
-            try:
-                mask = mask.expand(weight.shape)
-            except RuntimeError:
-                raise ValueError(f"module {name or type(model).__name__!r}: mask buffer of shape {tuple(mask.shape)} "
-                                 f"does not fit its weight of shape {tuple(weight.shape)}") from None
-        if weight in masks and not torch.equal(masks[weight], mask):
-            raise ValueError(f"module {name!r} shares its weight with another module but has a different mask")
-        masks[weight] = mask
-    return masks
+__all__ = ["MaskedSGD", "MaskedAdamW"]
 
 
 def _dense(t: Tensor) -> bool:
@@ -131,8 +106,8 @@ class _MaskedOptimizer(torch.optim.Optimizer):
     @classmethod
     def from_model(cls, model: nn.Module, **hyperparameters):
         """An optimizer over ``model.parameters()`` with the masks of its masked modules
-        (see ``masks_from_model``); ``hyperparameters`` are the constructor's (``lr=...``, ...)."""
-        return cls(model.parameters(), masks=masks_from_model(model), **hyperparameters)
+        (``fastmask.masks.by_parameter``); ``hyperparameters`` are the constructor's (``lr=...``, ...)."""
+        return cls(model.parameters(), masks=masks_module.by_parameter(model), **hyperparameters)
 
     @property
     def masks(self) -> dict[Tensor, Tensor]:
@@ -147,7 +122,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         or Adam moments exactly 0.0. The optimizer keeps its own boolean copy of each mask: change
         a mask in place elsewhere and call ``set_masks`` again for it to take effect.
         """
-        checked = self._check_masks(masks)
+        checked = self._copied_masks(masks)
         with torch.no_grad():
             for p, keep in checked.items():
                 pruned = keep.logical_not()
@@ -158,7 +133,8 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         self._masks = checked
         self._version += 1
 
-    def _check_masks(self, masks) -> dict[Tensor, Tensor]:
+    def _copied_masks(self, masks) -> dict[Tensor, Tensor]:
+        """``masks`` validated (``fastmask.masks.check``) and copied in their parameters' layouts."""
         if masks is None:
             return {}
         if not isinstance(masks, Mapping):
@@ -169,18 +145,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             if not isinstance(p, Tensor) or id(p) not in ours:
                 what = f"a tensor of shape {tuple(p.shape)}" if isinstance(p, Tensor) else repr(type(p).__name__)
                 raise ValueError(f"masks: a mask is given for {what} that is not a parameter of this optimizer")
-            if not isinstance(mask, Tensor):
-                raise TypeError(f"masks: the mask of a parameter of shape {tuple(p.shape)} must be a torch.Tensor, "
-                                f"got {type(mask).__name__}")
-            if mask.shape != p.shape:
-                raise ValueError(f"masks: mask of shape {tuple(mask.shape)} for a parameter of shape {tuple(p.shape)}")
-            if mask.device != p.device:
-                raise ValueError(f"masks: mask on {mask.device} for a parameter on {p.device}")
-            if mask.dtype != torch.bool:
-                if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
-                    raise ValueError(f"masks: a mask must be boolean or hold only 0 and 1, got dtype {mask.dtype} "
-                                     f"with other values (parameter of shape {tuple(p.shape)})")
-                mask = mask != 0
+            mask = masks_module.check(mask, p.shape, "masks: mask", owner="a parameter", device=p.device)
             keep = torch.empty_like(p, dtype=torch.bool)  # an own copy, in the parameter's layout
             keep.copy_(mask)
             checked[p] = keep
@@ -265,8 +230,6 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                 and _dense(p) and _same_layout(p, g) and backend.use_triton(p, g, kernel_dtypes=(torch.float32,)))
 
     def _build_plan(self, key, group: dict, params: list[Tensor], grads: list[Tensor]) -> _Plan:
-        from fastmask.kernels.masked_optim import TensorTable
-
         by_device: dict[torch.device, list[Tensor]] = {}
         for p, g in zip(params, grads):
             if self._fits_kernel(p, g):
@@ -279,7 +242,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             values = [values[i] for i in order]
             rows = [(p, p.grad, *self._row_state(p), self._masks.get(p)) for p in members]
             classes = _merged([(r, r + 1, value) for r, value in enumerate(values)])
-            units.append((TensorTable(rows, device), classes))
+            units.append((optimizer_step.tensor_table(rows, device), classes))
             kernel_params += members
         plan = _Plan(key, units, kernel_params, tuple(p.grad.data_ptr() for p in kernel_params))
         self._after_build(plan)
@@ -367,9 +330,7 @@ class MaskedSGD(_MaskedOptimizer):
         return (self.state.get(p, {}).get("momentum_buffer"), None)
 
     def _launch(self, table, first_row: int, end_row: int, fresh: bool, group: dict) -> None:
-        from fastmask.kernels.masked_optim import masked_sgd_step
-
-        masked_sgd_step(table, first_row, end_row, lr=group["lr"], weight_decay=group["weight_decay"],
+        optimizer_step.sgd_step(table, first_row, end_row, lr=group["lr"], weight_decay=group["weight_decay"],
                         momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"],
                         fresh=fresh)
 
@@ -420,7 +381,7 @@ class MaskedAdamW(_MaskedOptimizer):
 
     Example::
 
-        opt = MaskedAdamW(model.parameters(), lr=1e-3, masks=fastmask.optim.masks_from_model(model))
+        opt = MaskedAdamW(model.parameters(), lr=1e-3, masks=fastmask.masks.by_parameter(model))
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -463,9 +424,7 @@ class MaskedAdamW(_MaskedOptimizer):
         plan.steps += 1
 
     def _launch(self, table, first_row: int, end_row: int, steps_before: float, group: dict) -> None:
-        from fastmask.kernels.masked_optim import masked_adamw_step
-
-        masked_adamw_step(table, first_row, end_row, step=steps_before + 1, lr=group["lr"], betas=group["betas"],
+        optimizer_step.adamw_step(table, first_row, end_row, step=steps_before + 1, lr=group["lr"], betas=group["betas"],
                           eps=group["eps"], weight_decay=group["weight_decay"])
 
     @staticmethod

@@ -7,6 +7,12 @@ biases or norm parameters); a pruned weight never comes back; the survivors rewi
 weights at ``rewind_step`` (0 = initialisation). After r rounds the density is exactly
 (1 - rate)^r, rounded once per tensor (layer-wise) or once overall (global).
 
+Strategy and runner, as open_lth splits them: ``IMP`` is the strategy (the rewind point, then one
+pruning round after another, each yielding its mask and the training examples it spent; the
+retraining of masks is ``retrain``); it knows nothing of files or processes. ``imp`` runs it in
+memory. The pipeline's imp stage (``fastmask.stages.imp.run_in_folder``) runs it in a run
+folder, resumable round by round, with the retraining spread over torchrun's ranks.
+
 Example::
 
     splits = fastmask.data.load("digits")
@@ -20,45 +26,30 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastmask import distributed, io
+from fastmask import evaluation, masks as masks_module
 from fastmask.data import Dataset, DataSplits
 from fastmask.models import prunable_parameters
-from fastmask.nn import is_masked, sparsify
+from fastmask.nn import sparsify
 from fastmask.stack import Stack
 from fastmask.train import TrainConfig, fit
 
 INNER_DATA = ("real", "distilled", "subset", "easy")
 
 
-def current_masks(model: nn.Module) -> dict[str, Tensor]:
-    """The mask of every prunable weight: its module's ``mask`` buffer, or all-true."""
-    modules = dict(model.named_modules())
-    masks = {}
-    for name, weight in prunable_parameters(model).items():
-        owner = modules[name.rpartition(".")[0]]
-        masks[name] = owner.mask.clone() if is_masked(owner) else torch.ones_like(weight, dtype=torch.bool)
-    return masks
-
-
-def _check_masks(masks: dict[str, Tensor], params: dict[str, Tensor]) -> dict[str, Tensor]:
+def _checked_masks(masks: dict[str, Tensor], params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A boolean mask for every prunable weight (all-true where ``masks`` has none), on its weight's device."""
     unknown = sorted(set(masks) - set(params))
     if unknown:
         raise ValueError(f"masks name tensors that are not prunable weights of the model: {unknown}")
     checked = dict((name, torch.ones_like(p, dtype=torch.bool)) for name, p in params.items())
     for name, mask in masks.items():
-        if tuple(mask.shape) != tuple(params[name].shape):
-            raise ValueError(f"masks[{name!r}] has shape {tuple(mask.shape)}, the weight {tuple(params[name].shape)}")
-        if mask.dtype != torch.bool:
-            raise ValueError(f"masks[{name!r}] must be boolean, got {mask.dtype}")
-        checked[name] = mask.to(params[name].device)
+        checked[name] = masks_module.check(mask, params[name].shape, f"masks[{name!r}]").to(params[name].device)
     return checked
 
 
@@ -99,7 +90,7 @@ def magnitude_masks(model: nn.Module, rate: float = 0.2, scope: str = "global",
     if scope not in ("global", "layer"):
         raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
     params = prunable_parameters(model)
-    alive = _check_masks(current_masks(model) if masks is None else masks, params)
+    alive = _checked_masks(masks_module.of(model) if masks is None else masks, params)
 
     def target(alive_count: int, size: int) -> int:
         keep = alive_count - round(rate * alive_count) if density is None else round(density * size)
@@ -139,20 +130,6 @@ def random_masks(model: nn.Module, density: float, scope: str = "layer", seed: i
     return {name: m.to(params[name].device) for name, m in masks.items()}
 
 
-def apply_masks(model: nn.Module, masks: dict[str, Tensor]) -> nn.Module:
-    """Set the masks on ``model`` (masked modules; plain Conv2d/Linear are sparsified first)."""
-    if any(not is_masked(m) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))):
-        sparsify(model)
-    modules = dict(model.named_modules())
-    for name, mask in masks.items():
-        modules[name.rpartition(".")[0]].set_mask(mask)
-    return model
-
-
-def density(masks: dict[str, Tensor]) -> float:
-    return sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
-
-
 def el2n_scores(model: nn.Module, data: Dataset, cfg: TrainConfig, num_models: int = 4, seed: int = 0) -> Tensor:
     """EL2N scores (Paul et al., 2021): ||softmax(f(x)) - onehot(y)||_2 per training example, averaged
     over ``num_models`` copies of ``model`` trained briefly (``cfg``, early in training) as one stack."""
@@ -167,12 +144,12 @@ def el2n_scores(model: nn.Module, data: Dataset, cfg: TrainConfig, num_models: i
     stack = Stack(copies)
     fit(stack, data, cfg, seed=[seed + k for k in range(num_models)], progress=False)
     stack.eval()
+    forward, _ = evaluation.forward_of(stack)
     scores = []
-    with torch.no_grad():
-        for start in range(0, len(data), 1024):
-            probs = stack(data.images[start:start + 1024], shared=True).float().softmax(-1)
-            onehot = F.one_hot(data.labels[start:start + 1024], probs.shape[-1]).to(probs.dtype)
-            scores.append((probs - onehot).norm(dim=-1).mean(0))
+    for logits, targets in evaluation.outputs(forward, evaluation.Batches(data, data.device, 1024)):
+        probs = logits.float().softmax(-1)
+        onehot = F.one_hot(targets, probs.shape[-1]).to(probs.dtype)
+        scores.append((probs - onehot).norm(dim=-1).mean(0))
     return torch.cat(scores)
 
 
@@ -186,6 +163,19 @@ class IMPResult:
     rewind_weights: dict[str, Tensor]
 
 
+@dataclasses.dataclass
+class Round:
+    """One pruning round of ``IMP.rounds``: ``mask`` is the mask of round ``index`` (found by training
+    the mask of round ``index - 1``), ``examples_seen`` the training examples that training spent.
+    When it trained on the real data it was also the retraining of mask ``index - 1``, whose test
+    accuracy is then ``test_accuracy`` (else None)."""
+
+    index: int
+    mask: dict[str, Tensor]
+    examples_seen: int
+    test_accuracy: Optional[float] = None
+
+
 def _inner_schedule(inner, rounds: int) -> list[str]:
     schedule = [inner] * rounds if isinstance(inner, str) else list(inner)
     if len(schedule) != rounds:
@@ -196,108 +186,123 @@ def _inner_schedule(inner, rounds: int) -> list[str]:
     return schedule
 
 
+class IMP:
+    """Iterative magnitude pruning with rewinding, the lottery-ticket loop, as a strategy: what to
+    train and prune, without the bookkeeping (``imp`` runs it in memory, the pipeline in a run folder).
+
+    Round 0 is the dense network (``dense_mask``). Round r trains the subnetwork of mask r - 1 from
+    the rewind weights on the inner data of the round (``inner``: ``"real"``, ``"distilled"``
+    (``distilled``: a SyntheticSet or Dataset), ``"subset"`` (a random ``subset_fraction`` of the
+    real training set) or ``"easy"`` (the ``easy_fraction`` lowest-EL2N examples); or a list with
+    one entry per pruning round, e.g. distilled then real: a hybrid schedule), prunes ``rate`` of
+    the remaining weights (``scope``), and so finds mask r. The rewind point (``rewind_weights``)
+    is reached by training ``rewind_step`` steps on the real data (on the subset / easy data for
+    those inner choices: the Data Diet setting); ``pretrain_points`` counts its examples.
+
+    Args as ``imp``. The model is copied (and made masked); ``self.model`` is that copy.
+    """
+
+    def __init__(self, model: nn.Module, data: DataSplits, rounds: int, rate: float = 0.2, rewind_step: int = 0,
+                 inner: str | Sequence[str] = "real", *, distilled=None, subset_fraction: float = 0.1,
+                 easy_fraction: float = 0.1, scope: str = "global", inner_cfg: TrainConfig | None = None,
+                 retrain_cfg: TrainConfig | None = None, seed: int = 0, progress: bool = True):
+        if not isinstance(rounds, int) or rounds < 0:
+            raise ValueError(f"rounds must be a non-negative int, got {rounds!r}")
+        if not 0 < rate < 1:
+            raise ValueError(f"rate must lie in (0, 1), got {rate!r}")
+        self.schedule = _inner_schedule(inner, rounds)
+        if "distilled" in self.schedule and distilled is None:
+            raise ValueError("inner='distilled' needs distilled= (a SyntheticSet or Dataset)")
+        self.data, self.rate, self.rewind_step, self.scope, self.seed = data, rate, rewind_step, scope, seed
+        self.retrain_cfg = retrain_cfg or TrainConfig()
+        self.inner_cfg = inner_cfg or self.retrain_cfg
+        self.progress = progress
+        self.device = next(model.parameters()).device
+        self.model = sparsify(copy.deepcopy(model))
+        self.inner_data = {"real": data.train}
+        if distilled is not None:
+            as_dataset = distilled.as_dataset() if hasattr(distilled, "as_dataset") else distilled
+            self.inner_data["distilled"] = as_dataset.to(self.device)
+        if "subset" in self.schedule:
+            generator = torch.Generator().manual_seed(seed)
+            count = max(1, round(subset_fraction * len(data.train)))
+            chosen = torch.randperm(len(data.train), generator=generator)[:count].to(self.device)
+            self.inner_data["subset"] = data.train.subset(chosen)
+        if "easy" in self.schedule:
+            early = dataclasses.replace(self.retrain_cfg, epochs=min(self.retrain_cfg.epochs, 2.0), steps=None)
+            scores = el2n_scores(self.model, data.train, early, seed=seed)
+            count = max(1, round(easy_fraction * len(data.train)))
+            self.inner_data["easy"] = data.train.subset(torch.argsort(scores, stable=True)[:count])
+        first = self.schedule[0] if self.schedule else None
+        self.pretrain_data = self.inner_data[first] if first in ("subset", "easy") else data.train
+        self.pretrain_points = rewind_step * min(self.retrain_cfg.batch_size, len(self.pretrain_data))
+
+    def dense_mask(self) -> dict[str, Tensor]:
+        """The mask of round 0: the model's own masks (all-true for a dense model)."""
+        return masks_module.of(self.model)
+
+    def rewind_weights(self) -> dict[str, Tensor]:
+        """The weights every round starts from: the initialisation, or the weights after
+        ``rewind_step`` steps of pretraining."""
+        if self.rewind_step == 0:
+            return {k: v.clone() for k, v in self.model.state_dict().items()}
+        pretrained = copy.deepcopy(self.model)
+        fit(pretrained, self.pretrain_data, dataclasses.replace(self.retrain_cfg, steps=self.rewind_step),
+            seed=self.seed, progress=self.progress, description="rewind point")
+        return {k: v.clone() for k, v in pretrained.state_dict().items()}
+
+    def rounds(self, rewind: dict[str, Tensor], mask: dict[str, Tensor], start: int = 0) -> Iterator[Round]:
+        """The pruning rounds ``start + 1 .. rounds``, from ``mask`` (the mask of round ``start``).
+
+        Each round starts from the mask of the one before: the mask a ``Round`` yields is the one
+        the next round prunes, so a caller may overwrite its tensors in place (with another
+        process's copy of them) before asking for the next round.
+        """
+        for r in range(start, len(self.schedule)):
+            subnetwork = masks_module.apply(_rewound(self.model, rewind), mask)
+            real = self.schedule[r] == "real"
+            result = fit(subnetwork, self.inner_data[self.schedule[r]], self.retrain_cfg if real else self.inner_cfg,
+                         seed=self.seed, eval_data=self.data.test if real else None, progress=self.progress,
+                         description=f"IMP round {r} ({self.schedule[r]})")
+            mask = magnitude_masks(subnetwork, scope=self.scope, masks=mask, density=(1 - self.rate) ** (r + 1))
+            yield Round(r + 1, mask, result.examples_seen, result.metrics["test_accuracy"] if real else None)
+
+    def records(self, masks: list[dict[str, Tensor]], accuracies: list[float], points: list[int]) -> list[dict]:
+        """``IMPResult.rounds``: one record per mask, given each mask's retrained test accuracy and
+        the training points spent to find it."""
+        return [{"round": r, "density": masks_module.density(m), "test_accuracy": accuracies[r],
+                 "train_points_used": points[r], "inner": self.schedule[r - 1] if r else "dense"}
+                for r, m in enumerate(masks)]
+
+
 def imp(model: nn.Module, data: DataSplits, rounds: int, rate: float = 0.2, rewind_step: int = 0,
         inner: str | Sequence[str] = "real", *, distilled=None, subset_fraction: float = 0.1,
         easy_fraction: float = 0.1, scope: str = "global", inner_cfg: TrainConfig | None = None,
         retrain_cfg: TrainConfig | None = None, seed: int = 0, retrain_stack: int = 4,
-        out_dir: str | Path | None = None, progress: bool = True) -> IMPResult:
-    """Iterative magnitude pruning with rewinding: the lottery-ticket loop.
+        progress: bool = True) -> IMPResult:
+    """Iterative magnitude pruning with rewinding, in memory: ``IMP``'s rounds, then every round's
+    mask retrained on the real data from the rewind weights (``retrain_cfg``; ``retrain_stack``
+    masks at a time as one stack) and tested.
 
-    Round 0 is the dense network. Round r trains the current subnetwork from the rewind weights on
-    the inner data (``inner``: ``"real"``, ``"distilled"`` (``distilled``: a SyntheticSet or
-    Dataset), ``"subset"`` (a random ``subset_fraction`` of the real training set) or ``"easy"``
-    (the ``easy_fraction`` lowest-EL2N examples); or a list with one entry per pruning round, e.g.
-    distilled then real: a hybrid schedule), prunes ``rate`` of the remaining weights
-    (``scope``), and rewinds the survivors to the weights at ``rewind_step``.
-
-    Every round's mask is then retrained on the real data from the rewind weights
-    (``retrain_cfg``; ``retrain_stack`` masks at a time as one stack) and tested. The rewind point
-    is reached by training on the real data (on the subset / easy data for those inner choices:
-    the Data Diet setting). ``train_points_used`` counts the examples the inner loop (and the
-    rewind pretraining) consumed to find each mask. With ``out_dir`` every finished round and
-    retraining is saved, and a rerun resumes where the last one stopped.
-
-    Under torchrun (``fastmask.distributed``) call it on every rank: the rounds train data
-    parallel, the retraining of the other masks is dealt out over the ranks, and rank 0 writes.
+    Args: see ``IMP``. ``train_points_used`` counts the examples the inner loop (and the rewind
+    pretraining) consumed to find each mask. To resume after a crash, or to spread the work over
+    torchrun's ranks, run it in a folder: ``fastmask.stages.imp.run_in_folder``.
     """
-    if not isinstance(rounds, int) or rounds < 0:
-        raise ValueError(f"rounds must be a non-negative int, got {rounds!r}")
-    if not 0 < rate < 1:
-        raise ValueError(f"rate must lie in (0, 1), got {rate!r}")
-    schedule = _inner_schedule(inner, rounds)
-    if "distilled" in schedule and distilled is None:
-        raise ValueError("inner='distilled' needs distilled= (a SyntheticSet or Dataset)")
-    retrain_cfg = retrain_cfg or TrainConfig()
-    inner_cfg = inner_cfg or retrain_cfg
-    device = next(model.parameters()).device
-    out = Path(out_dir) if out_dir is not None else None
-    state_file = out / "imp_state.json" if out else None
-    # Rank 0's view of the folder decides where every rank resumes (see fastmask.distributed).
-    state = distributed.main_only(lambda: json.loads(state_file.read_text()) if state_file and state_file.exists()
-                                  else {"found": 0, "points": [0]})
-
-    model = sparsify(copy.deepcopy(model))
-    inner_data = {"real": data.train}
-    if distilled is not None:
-        inner_data["distilled"] = (distilled.as_dataset() if hasattr(distilled, "as_dataset") else distilled).to(device)
-    if "subset" in schedule:
-        generator = torch.Generator().manual_seed(seed)
-        count = max(1, round(subset_fraction * len(data.train)))
-        inner_data["subset"] = data.train.subset(torch.randperm(len(data.train), generator=generator)[:count].to(device))
-    if "easy" in schedule:
-        scores = el2n_scores(model, data.train, dataclasses.replace(retrain_cfg, epochs=min(retrain_cfg.epochs, 2.0),
-                                                                    steps=None), seed=seed)
-        count = max(1, round(easy_fraction * len(data.train)))
-        inner_data["easy"] = data.train.subset(torch.argsort(scores, stable=True)[:count])
-    pretrain_data = inner_data[schedule[0]] if schedule and schedule[0] in ("subset", "easy") else data.train
-
-    # The rewind weights: initialisation, or the weights after rewind_step steps of pretraining.
-    rewind_file = out / "rewind.safetensors" if out else None
-    if rewind_file and distributed.broadcast_object(rewind_file.exists()):
-        rewind = io.load_tensors(rewind_file, device)
-    else:
-        rewind = {k: v.clone() for k, v in model.state_dict().items()}
-        if rewind_step > 0:
-            pretrained = copy.deepcopy(model)
-            fit(pretrained, pretrain_data, dataclasses.replace(retrain_cfg, steps=rewind_step), seed=seed,
-                progress=progress, description="rewind point")
-            rewind = {k: v.clone() for k, v in pretrained.state_dict().items()}
-        distributed.broadcast_tensors(rewind)  # rank 0's copy is the one saved: every rank uses it
-        if rewind_file and distributed.is_writer():
-            io.save_tensors(rewind_file, rewind)
-    pretrain_points = rewind_step * min(retrain_cfg.batch_size, len(pretrain_data))
-    if state["points"] == [0]:
-        state["points"] = [pretrain_points]
-
-    masks = [current_masks(model)] + [io.load_tensors(out / f"mask_round{r}.safetensors", device)
-                                      for r in range(1, state["found"] + 1)]
-    retrain_folder = out / "retrain" if out else None
-    retrained = {}  # mask index -> test accuracy, for the masks the real inner loop retrains
-    # Find the masks, one pruning round at a time.
-    for r in range(state["found"], rounds):
-        subnetwork = apply_masks(_rewound(model, rewind), masks[r])
-        real = schedule[r] == "real"
-        result = fit(subnetwork, inner_data[schedule[r]], retrain_cfg if real else inner_cfg, seed=seed,
-                     eval_data=data.test if real else None, progress=progress,
-                     description=f"IMP round {r} ({schedule[r]})")
-        if real:  # this training is the retraining of mask r: keep its accuracy
-            retrained[r] = result.metrics["test_accuracy"]
-            if retrain_folder and distributed.is_writer():
-                distributed.save_unit(retrain_folder, r, retrained[r])
-        masks.append(magnitude_masks(subnetwork, scope=scope, masks=masks[r], density=(1 - rate) ** (r + 1)))
-        distributed.broadcast_tensors(masks[-1])  # rank 0's mask is the one saved: every rank uses it
-        state["points"].append(state["points"][-1] + result.examples_seen)
-        state["found"] = r + 1
-        if out and distributed.is_writer():
-            io.save_tensors(out / f"mask_round{r + 1}.safetensors", masks[-1])
-            io.write_json(state_file, state)
-
-    accuracies = _retrain(model, rewind, masks, data, retrain_cfg, seed, retrain_stack, retrain_folder, retrained,
-                          progress)
-    records = [{"round": r, "density": density(m), "test_accuracy": accuracies[r],
-                "train_points_used": state["points"][r], "inner": schedule[r - 1] if r else "dense"}
-               for r, m in enumerate(masks)]
-    return IMPResult(records, masks, rewind)
+    strategy = IMP(model, data, rounds, rate, rewind_step, inner, distilled=distilled, subset_fraction=subset_fraction,
+                   easy_fraction=easy_fraction, scope=scope, inner_cfg=inner_cfg, retrain_cfg=retrain_cfg, seed=seed,
+                   progress=progress)
+    rewind = strategy.rewind_weights()
+    masks = [strategy.dense_mask()]
+    points = [strategy.pretrain_points]
+    retrained = {}  # mask index -> test accuracy, for the masks the real inner loop retrained
+    for found in strategy.rounds(rewind, masks[0]):
+        masks.append(found.mask)
+        points.append(points[-1] + found.examples_seen)
+        if found.test_accuracy is not None:
+            retrained[found.index - 1] = found.test_accuracy
+    accuracies = retrain_masks(strategy.model, rewind, masks, data, strategy.retrain_cfg, seed, retrain_stack,
+                               progress, known=retrained)
+    return IMPResult(strategy.records(masks, accuracies, points), masks, rewind)
 
 
 def _rewound(model: nn.Module, rewind: dict[str, Tensor]) -> nn.Module:
@@ -306,25 +311,25 @@ def _rewound(model: nn.Module, rewind: dict[str, Tensor]) -> nn.Module:
     return copy_
 
 
+def retrain(model: nn.Module, rewind: dict[str, Tensor], masks: Sequence[dict[str, Tensor]], data: DataSplits,
+            cfg: TrainConfig, seed: int = 0, progress: bool = True, description: str = "retrain masks") -> list[float]:
+    """Test accuracy of each of ``masks`` retrained on the real data from ``rewind``, all of them
+    as one stack (one kernel launch per layer for all of them)."""
+    stack = Stack([masks_module.apply(_rewound(model, rewind), m) for m in masks]).to(data.train.device)
+    result = fit(stack, data.train, cfg, seed=[seed] * len(masks), eval_data=data.test, progress=progress,
+                 description=description)
+    return result.metrics["test_accuracy"]
+
+
 def retrain_masks(model: nn.Module, rewind: dict[str, Tensor], masks: list[dict[str, Tensor]], data: DataSplits,
-                  cfg: TrainConfig, seed: int = 0, chunk: int = 4, out_dir: str | Path | None = None,
-                  progress: bool = True) -> list[float]:
-    """Test accuracy of each mask retrained on the real data from ``rewind``, ``chunk`` masks at a
-    time as one stack (one kernel launch per layer for all of them). Under torchrun the masks are
-    units of work dealt out over the ranks (``fastmask.distributed.map_unit_groups``). With
-    ``out_dir`` each accuracy is kept in ``out_dir/retrain/<index>.json`` as it is found, and a
-    rerun skips those masks."""
-    folder = Path(out_dir) / "retrain" if out_dir is not None else None
-    return _retrain(model, rewind, masks, data, cfg, seed, chunk, folder, {}, progress)
-
-
-def _retrain(model, rewind, masks, data, cfg, seed, chunk, folder: Path | None, known: dict[int, float],
-             progress) -> list[float]:
-    def train(group: list[int]) -> list[float]:
-        stack = Stack([apply_masks(_rewound(model, rewind), masks[r]) for r in group]).to(data.train.device)
-        result = fit(stack, data.train, cfg, seed=[seed] * len(group), eval_data=data.test, progress=progress,
-                     description=f"retrain masks {group}")
-        return result.metrics["test_accuracy"]
-
-    accuracies = distributed.map_unit_groups(range(len(masks)), train, folder, group=max(1, chunk), known=known)
+                  cfg: TrainConfig, seed: int = 0, chunk: int = 4, progress: bool = True, *,
+                  known: dict[int, float] | None = None) -> list[float]:
+    """Test accuracy of each mask retrained on the real data from ``rewind`` (``retrain``), ``chunk``
+    masks at a time as one stack; ``known`` holds accuracies already in hand, by mask index."""
+    accuracies = dict(known or {})
+    todo = [r for r in range(len(masks)) if r not in accuracies]
+    for start in range(0, len(todo), max(1, chunk)):
+        group = todo[start:start + max(1, chunk)]
+        found = retrain(model, rewind, [masks[r] for r in group], data, cfg, seed, progress, f"retrain masks {group}")
+        accuracies.update(zip(group, found))
     return [accuracies[r] for r in range(len(masks))]

@@ -14,11 +14,18 @@ Example::
     logits = stack(torch.randn(4, 64, 3, 32, 32))               # [4, 64, 10]: a batch per model
     logits = stack(torch.randn(64, 3, 32, 32), shared=True)     # one batch seen by all 4
     trained = stack.split()                                      # back to 4 ordinary models
+
+Every stacked layer holds its K models' tensors under the names of the layer it stacks
+(``weight``, ``bias``, ``running_mean``, ...) and can hold others: ``stacked_tensors`` gives them,
+``load_stacked`` replaces them, with any number of models. That is how K combinations of the models
+(``fastmask.combinations``: the alphas of linear mode connectivity, the points of a loss
+landscape) run as one stack. ``interpolate_in_kernel`` turns a stack of two models into the
+networks on the segment between them, formed inside the conv and linear kernels.
 """
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +39,41 @@ def _stacked(tensors: Sequence[Tensor]) -> Tensor:
     return torch.stack([t.detach() for t in tensors]).clone()
 
 
-class StackedMaskedConv2d(nn.Module):
+def _padded(layer: nn.Module, x: Tensor) -> tuple[Tensor, object]:
+    """A stacked conv's input ``[K, B, ...]`` and padding: as nn.Conv2d does for padding modes other
+    than zeros, padded explicitly, then convolved unpadded."""
+    if layer.padding_mode == "zeros":
+        return x, layer.padding
+    K, B = x.shape[:2]
+    x = F.pad(x.flatten(0, 1), layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+    return x.view(K, B, *x.shape[1:]), 0
+
+
+class StackedLayer(nn.Module):
+    """What every stacked layer shares: the tensors of its K models, ``[K, ...]`` each."""
+
+    def stacked_tensors(self) -> dict[str, Tensor]:
+        """The floating tensors ``[K, ...]`` that make the layer's K models, by name: its parameters
+        and floating buffers (not its mask, nor counters such as ``num_batches_tracked``)."""
+        tensors = {name: p.detach() for name, p in self.named_parameters(recurse=False)}
+        tensors.update((name, b) for name, b in self.named_buffers(recurse=False) if b.is_floating_point())
+        return tensors
+
+    def load_stacked(self, tensors: Mapping[str, Tensor]) -> None:
+        """Hold ``tensors`` (by name: those of ``stacked_tensors``, or ``mask``) instead of the current
+        ones, as they are (not copied): the layer then runs as many models as their leading
+        dimension (a mask ``[1, ...]`` is shared by all). Parameters given this way do not require
+        gradients: the K models are for evaluation."""
+        for name, tensor in tensors.items():
+            if name in self._parameters:
+                setattr(self, name, nn.Parameter(tensor, requires_grad=False))
+            elif name in self._buffers:
+                setattr(self, name, tensor)
+            else:
+                raise KeyError(f"{type(self).__name__} holds no tensor {name!r}")
+
+
+class StackedMaskedConv2d(StackedLayer):
     """K masked conv layers: weight ``[K, O, C/g, R, S]``, mask of that shape, bias ``[K, O]``."""
 
     def __init__(self, layers: Sequence[nn.Conv2d]):
@@ -47,11 +88,7 @@ class StackedMaskedConv2d(nn.Module):
         self.register_buffer("mask", _stacked(masks))
 
     def forward(self, x: Tensor) -> Tensor:
-        padding = self.padding
-        if self.padding_mode != "zeros":
-            K, B = x.shape[:2]
-            x = F.pad(x.flatten(0, 1), self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            x, padding = x.view(K, B, *x.shape[1:]), 0
+        x, padding = _padded(self, x)
         return ops.stacked_masked_conv2d(x, self.weight, self.mask, self.bias, self.stride, padding, self.dilation,
                                          self.groups)
 
@@ -63,7 +100,7 @@ class StackedMaskedConv2d(nn.Module):
             layer.mask.copy_(self.mask[k])
 
 
-class StackedMaskedLinear(nn.Module):
+class StackedMaskedLinear(StackedLayer):
     """K masked linear layers: weight ``[K, out, in]``, mask of that shape, bias ``[K, out]``."""
 
     def __init__(self, layers: Sequence[nn.Linear]):
@@ -86,7 +123,7 @@ class StackedMaskedLinear(nn.Module):
             layer.mask.copy_(self.mask[k])
 
 
-class StackedBatchNorm2d(nn.Module):
+class StackedBatchNorm2d(StackedLayer):
     """K BatchNorm2d layers, each with its own affine parameters and running statistics.
 
     The K models' channels are laid side by side (``[B, K*C, H, W]``) so one batch-norm call
@@ -143,7 +180,7 @@ class StackedBatchNorm2d(nn.Module):
             layer.num_batches_tracked.copy_(self.num_batches_tracked)
 
 
-class StackedGroupNorm(nn.Module):
+class StackedGroupNorm(StackedLayer):
     """K GroupNorm layers (instance norm when groups == channels), per-model affine parameters."""
 
     def __init__(self, layers: Sequence[nn.GroupNorm]):
@@ -168,7 +205,7 @@ class StackedGroupNorm(nn.Module):
             layer.bias.data.copy_(self.bias[k])
 
 
-class PerSample(nn.Module):
+class PerSample(StackedLayer):
     """A parameter-free layer run on the K batches merged into one (``[K*B, ...]``)."""
 
     def __init__(self, layer: nn.Module):
@@ -182,6 +219,64 @@ class PerSample(nn.Module):
 
     def unstack_into(self, k: int, layer: nn.Module):
         pass
+
+
+class InterpolatedMaskedConv2d(StackedLayer):
+    """The K networks ``(1 - alphas[k]) * a + alphas[k] * b`` of a stacked pair of conv layers, their
+    weights formed inside the kernel (``ops.interpolated_masked_conv2d``) from one copy of each.
+
+    Its stacked tensor is ``alphas`` (``[0, 1]`` at first: the pair itself), so a combination of the
+    pair with coefficients ``(1 - alpha, alpha)`` (``load_stacked`` of ``fastmask.combinations``)
+    sets the alphas. The pair's masks must be one (``fastmask.combinations.aligned_sources``).
+    """
+
+    def __init__(self, pair: StackedMaskedConv2d):
+        super().__init__()
+        self.stride, self.padding, self.dilation, self.groups = pair.stride, pair.padding, pair.dilation, pair.groups
+        self.padding_mode = pair.padding_mode
+        self._reversed_padding_repeated_twice = pair._reversed_padding_repeated_twice
+        self.register_buffer("weights", pair.weight.detach())  # [2, O, C/g, R, S]
+        self.register_buffer("biases", None if pair.bias is None else pair.bias.detach())  # [2, O]
+        self.register_buffer("mask", pair.mask[0])  # the pair's masks are one (aligned_sources)
+        self.register_buffer("alphas", torch.tensor([0.0, 1.0], device=pair.weight.device))
+
+    def stacked_tensors(self) -> dict[str, Tensor]:
+        return {"alphas": self.alphas}
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, padding = _padded(self, x)
+        if x.stride(0) == 0:  # one batch seen by every alpha
+            x = x[:1]
+        biases = (None, None) if self.biases is None else (self.biases[0], self.biases[1])
+        return ops.interpolated_masked_conv2d(x, self.weights[0], self.weights[1], self.mask, self.alphas, *biases,
+                                              self.stride, padding, self.dilation, self.groups)
+
+
+class InterpolatedMaskedLinear(StackedLayer):
+    """The K networks between a stacked pair of linear layers, formed in the kernel: as
+    ``InterpolatedMaskedConv2d``."""
+
+    def __init__(self, pair: StackedMaskedLinear):
+        super().__init__()
+        self.register_buffer("weights", pair.weight.detach())  # [2, out, in]
+        self.register_buffer("biases", None if pair.bias is None else pair.bias.detach())
+        self.register_buffer("mask", pair.mask[0])
+        self.register_buffer("alphas", torch.tensor([0.0, 1.0], device=pair.weight.device))
+
+    def stacked_tensors(self) -> dict[str, Tensor]:
+        return {"alphas": self.alphas}
+
+    def forward(self, x: Tensor) -> Tensor:
+        K, lead = len(self.alphas), x.shape[1:-1]
+        flat = x[:1] if x.stride(0) == 0 else x
+        biases = (None, None) if self.biases is None else (self.biases[0], self.biases[1])
+        y = ops.interpolated_masked_linear(flat.reshape(flat.shape[0], -1, x.shape[-1]), self.weights[0],
+                                           self.weights[1], self.mask, self.alphas, *biases)
+        return y.view(K, *lead, y.shape[-1])
+
+
+INTERPOLATED_TYPES: dict[type, type] = {StackedMaskedConv2d: InterpolatedMaskedConv2d,
+                                        StackedMaskedLinear: InterpolatedMaskedLinear}
 
 
 STACKED_TYPES: dict[type, type] = {
@@ -258,6 +353,41 @@ class Stack(nn.Module):
             raise ValueError(f"input must be [K={self.num_models}, B, ...] (or pass shared=True), "
                              f"got shape {tuple(x.shape)}")
         return self.model(x)
+
+    def stacked_tensors(self) -> dict[str, Tensor]:
+        """The K models' floating tensors ``[K, ...]`` by qualified name (``features.0.weight``):
+        every stacked layer's ``stacked_tensors``."""
+        return {f"{name}.{key}" if name else key: tensor for name, layer in self.model.named_modules()
+                if isinstance(layer, StackedLayer) for key, tensor in layer.stacked_tensors().items()}
+
+    def load_stacked(self, tensors: Mapping[str, Tensor]) -> None:
+        """Hold ``tensors`` (by qualified name, as ``stacked_tensors`` names them, or ``<layer>.mask``)
+        instead, not copied, through each layer's ``load_stacked``: the stack then runs as many models
+        as the floating tensors' leading dimension (one for all of them; masks ``[1, ...]`` are shared)."""
+        counts = {t.shape[0] for t in tensors.values() if t.is_floating_point()}
+        if len(counts) > 1:
+            raise ValueError(f"tensors must hold one number of models, got leading dimensions {sorted(counts)}")
+        by_layer: dict[str, dict[str, Tensor]] = {}
+        for name, tensor in tensors.items():
+            layer, _, key = name.rpartition(".")
+            by_layer.setdefault(layer, {})[key] = tensor
+        for layer, part in by_layer.items():
+            self.model.get_submodule(layer).load_stacked(part)
+        if counts:
+            self.num_models = counts.pop()
+
+    def interpolate_in_kernel(self) -> None:
+        """Turn this stack of two models (``a``, ``b``) into the networks ``(1 - alpha) a + alpha b``:
+        its masked conv and linear layers become ``InterpolatedMasked*`` layers, which form the
+        weights inside the kernels, and combinations ``(1 - alpha, alpha)`` of the two loaded with
+        ``load_stacked`` set the alphas (other layers take combined tensors as usual)."""
+        if self.num_models != 2:
+            raise ValueError(f"interpolate_in_kernel needs a stack of 2 models, this one holds {self.num_models}")
+        for name, module in list(self.model.named_modules()):
+            interpolated = INTERPOLATED_TYPES.get(type(module))
+            if interpolated is not None:
+                parent, _, attr = name.rpartition(".")
+                setattr(self.model.get_submodule(parent) if parent else self.model, attr, interpolated(module))
 
     def split(self) -> list[nn.Module]:
         """K ordinary models holding the stack's current weights, masks and statistics."""

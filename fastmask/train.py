@@ -4,8 +4,10 @@
 then a constant, step or cosine schedule, device-resident batches from ``fastmask.data.Loader``
 (each model of a stack with its own data order and augmentation), bf16 autocast and
 channels_last on CUDA, the forward and backward pass of each step replayed from a CUDA graph on
-CUDA (``TrainConfig.cuda_graph``), checkpoints at named steps (rewind points), and a checkpoint
-file that a rerun resumes from, reaching exactly the uninterrupted run's weights.
+CUDA (``TrainConfig.cuda_graph``), checkpoints at named steps (rewind points), and a ``Checkpoint``
+of its training state (``fastmask.checkpoint.CheckpointFile`` in a run folder) that a rerun
+resumes from, reaching exactly the uninterrupted run's weights. ``evaluate`` gives the test loss
+and accuracy of a model or of each model of a stack (``fastmask.evaluation``'s batch loop).
 
 Under torchrun (``fastmask.distributed.active()``) ``fit`` is data parallel: every process holds
 the dataset on its device, draws the global batch of each step (the Loader's batch is a pure
@@ -13,8 +15,8 @@ function of the seed and the step) and keeps a contiguous slice of its rows; the
 wrapped in ``DistributedDataParallel``, so the gradient is that of the global batch's mean loss,
 as in one process, up to the order of the float sums. BatchNorm normalises each process's slice
 (no SyncBatchNorm); its running statistics are averaged over the processes at every save and
-checkpoint and at the end, so that every process holds the same model. Only rank 0 writes the
-resume file; every rank reads it.
+checkpoint and at the end, so that every process holds the same model. Every rank hands its
+state to the ``Checkpoint``; ``CheckpointFile`` writes rank 0's and gives every rank what rank 0 sees.
 
 Example::
 
@@ -29,15 +31,14 @@ import dataclasses
 import inspect
 import math
 import warnings
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from fastmask import distributed, io
+from fastmask import distributed, evaluation
 from fastmask.data import Dataset, Loader
 from fastmask.optim import MaskedAdamW, MaskedSGD
 from fastmask.stack import Stack
@@ -230,17 +231,32 @@ class _CapturedStep:
         return self.loss.clone()
 
 
+class Checkpoint(Protocol):
+    """Where ``fit`` keeps its training state for a rerun (``fastmask.checkpoint.CheckpointFile``).
+
+    ``load(device)`` gives the state saved last, or None; ``save(state)`` keeps ``state`` (weights,
+    optimizer, step, losses, rewind checkpoints), which ``fit`` hands over every ``every`` steps
+    (0: never) and at the end.
+    """
+
+    every: int
+
+    def load(self, device: torch.device) -> dict | None: ...
+
+    def save(self, state: dict) -> None: ...
+
+
 def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int | Sequence[int] = 0, *,
-        checkpoint_steps: Sequence[int] = (), resume_file: str | Path | None = None, save_every: int = 0,
-        eval_data: Dataset | None = None, progress: bool = True, description: str = "train") -> TrainResult:
+        checkpoint_steps: Sequence[int] = (), checkpoint: Checkpoint | None = None, eval_data: Dataset | None = None,
+        progress: bool = True, description: str = "train") -> TrainResult:
     """Train ``model`` (or a ``Stack``) on ``data`` in place.
 
     Args:
         seed: the data order and augmentation seed; a sequence of K seeds for a stack of K.
         checkpoint_steps: steps whose weights are returned in ``result.checkpoints`` (0 = before
             the first update): the rewind points of IMP.
-        resume_file: where the training state (weights, optimizer, step, checkpoints) is saved
-            every ``save_every`` steps and at the end; if it exists, training resumes from it.
+        checkpoint: where the training state is saved every ``checkpoint.every`` steps and at the
+            end; if it holds a state, training resumes from it.
         eval_data: evaluated at the end (``test_loss``, ``test_accuracy``; lists for a stack).
 
     Data parallel when ``fastmask.distributed.active()`` (see the module docstring): call it on
@@ -274,9 +290,8 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int | Sequence[
     checkpoints: dict[int, dict[str, Tensor]] = {}
     losses: list[float] = []
     start = 0
-    # Rank 0's view decides, so that no rank starts over while the others resume.
-    if resume_file is not None and distributed.broadcast_object(Path(resume_file).exists()):
-        state = io.load_state(resume_file, device)
+    state = checkpoint.load(device) if checkpoint is not None else None
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, losses, checkpoints = state["step"], state["losses"], state["checkpoints"]
@@ -294,10 +309,8 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int | Sequence[
 
     def save(step: int):
         flush()
-        if distributed.is_writer():
-            io.save_state(resume_file, {"step": step, "model": model.state_dict(),
-                                        "optimizer": optimizer.state_dict(), "losses": losses,
-                                        "checkpoints": checkpoints})
+        checkpoint.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "losses": losses, "checkpoints": checkpoints})
 
     def snapshot(step: int):
         if step in wanted:
@@ -343,7 +356,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int | Sequence[
         optimizer.step()
         pending.append(loss.detach() / (model.num_models if stacked else 1))
         snapshot(step + 1)
-        if resume_file is not None and save_every and (step + 1) % save_every == 0 and step + 1 < total:
+        if checkpoint is not None and checkpoint.every and (step + 1) % checkpoint.every == 0 and step + 1 < total:
             distributed.average_tensors(model.buffers())  # every rank resumes from the same statistics
             save(step + 1)
         if progress and (step % 50 == 0 or step + 1 == total):
@@ -351,7 +364,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int | Sequence[
     flush()
     if start < total:
         distributed.average_tensors(model.buffers())
-    if resume_file is not None:
+    if checkpoint is not None:
         save(total)
     metrics = {}
     if eval_data is not None:
@@ -364,24 +377,25 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int | Sequence[
 def evaluate(model: nn.Module, data: Dataset, batch_size: int = 1024, amp: bool = True):
     """Mean cross-entropy and accuracy of ``model`` on ``data`` (lists of K values for a Stack).
 
-    The model is evaluated in eval mode and put back in the mode it was in.
+    The model is evaluated in eval mode (bf16 autocast on CUDA with ``amp``) and put back in the
+    mode it was in. The loss is summed in float32, as it always was here (``fastmask.lmc`` sums in
+    float64).
     """
     was_training = model.training
     model.eval()
-    stacked = isinstance(model, Stack)
     device = next(model.parameters()).device
-    total_loss = total_correct = 0
-    for start in range(0, len(data), batch_size):
-        inputs = data.images[start:start + batch_size]
-        targets = data.labels[start:start + batch_size]
+    networks, _ = evaluation.forward_of(model)
+
+    def forward(inputs: Tensor) -> Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-            logits = model(inputs, shared=True) if stacked else model(inputs)
-        logits = logits.float()
-        expanded = targets.expand(logits.shape[:-1])
-        total_loss = total_loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), expanded.reshape(-1),
-                                                  reduction="none").view(expanded.shape).sum(-1)
-        total_correct = total_correct + (logits.argmax(-1) == expanded).sum(-1)
+            return networks(inputs).float()
+
+    total_loss = total_correct = 0
+    for logits, targets in evaluation.outputs(forward, evaluation.Batches(data, device, batch_size)):
+        loss, correct = evaluation.batch_sums(logits, targets)
+        total_loss = total_loss + loss
+        total_correct = total_correct + correct
     model.train(was_training)
     loss = (total_loss / len(data)).tolist()
     accuracy = (total_correct.double() / len(data)).tolist()
-    return loss, accuracy
+    return (loss, accuracy) if isinstance(model, Stack) else (loss[0], accuracy[0])

@@ -2,7 +2,7 @@
 import torch
 import triton
 
-from fastmask.backend import interpreter_on
+from . import interpreter_on
 
 # GPU autotune candidates of the GEMM-shaped kernels, (BLOCK_M, BLOCK_N, BLOCK_K, num_stages,
 # num_warps), one list per way tl.dot runs. Every entry compiles for sm_90 (H100/H200) without a

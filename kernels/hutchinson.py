@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmask.kernels import _alloc
+from . import _alloc
 
 BLOCK = 1024
 MAX_PROBES_PER_LAUNCH = 65535  # the grid's second axis

@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmask.kernels import _alloc
-from fastmask.kernels._config import dot_precision, matmul_configs, prune_matmul_configs, upcast_operands
+from . import _alloc
+from ._config import dot_precision, matmul_configs, prune_matmul_configs, upcast_operands
 
 
 @triton.autotune(configs=matmul_configs(), key=["N", "C", "H", "W", "O", "R", "S", "PRECISION", "INTERPOLATE"],

@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmask.kernels import _alloc
-from fastmask.kernels._config import dot_precision, matmul_configs, prune_matmul_configs, upcast_operands
+from . import _alloc
+from ._config import dot_precision, matmul_configs, prune_matmul_configs, upcast_operands
 
 
 @triton.autotune(configs=matmul_configs(), key=["M", "N", "K", "PRECISION", "INTERPOLATE"],

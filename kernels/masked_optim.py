@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmask.backend import interpreter_on
+from . import interpreter_on
 
 # Columns of a tensor-table row (constexpr globals, so the kernels can read them).
 PARAM, GRAD, STATE_A, STATE_B, MASK, NUMEL = (tl.constexpr(column) for column in range(6))

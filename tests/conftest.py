@@ -42,11 +42,12 @@ def triton_backend(monkeypatch):
 
 @pytest.fixture
 def cudnn_candidates(triton_backend, monkeypatch):
-    """Inside the ops, the torch (cuDNN) candidate of every per-shape dispatch, as ``ops._pick``
+    """Inside the ops, the torch (cuDNN) candidate of every per-shape dispatch, as ``_pick``
     may choose it on CUDA: so its values, gradients and output layout are tested on the CPU too."""
-    from fastmask import ops
+    from fastmask.ops import conv, linear
 
-    monkeypatch.setattr(ops, "_pick", lambda key, candidates: candidates["torch"])
+    for module in (conv, linear):
+        monkeypatch.setattr(module, "_pick", lambda key, candidates: candidates["torch"])
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """Shared test helpers: float64 references with dtype-dependent error bounds."""
 import torch
 
-# Normwise relative error bounds by the dtype the kernel computed in (design.md, "Measuring").
+# Normwise relative error bounds by the dtype the kernel computed in (docs/design.md, "Measuring").
 REL_TOL = {
     torch.float64: 1e-10,
     torch.float32: 1e-5,

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fastmask import distributed, pipeline
+from fastmask.stages import STAGES
 from helpers import without_times
 
 # Every stage on digits with LeNet-300-100 (a model that trains to ~95% in 100 steps, so the
@@ -87,7 +88,7 @@ def results(folder: Path) -> dict:
 def test_torchrun_pipeline_gives_the_results_of_one_process(runs):
     one, two, _ = runs
     expected, actual = without_times(results(one)), without_times(results(two))
-    assert set(actual["stages"]) == set(pipeline.STAGES)
+    assert set(actual["stages"]) == {stage.name for stage in STAGES}
     assert differences(expected, actual) == []
     assert expected["stages"]["dense"]["test_accuracy"] > 0.8  # a trained network, not chance
 
@@ -105,7 +106,7 @@ def test_torchrun_spreads_units_over_ranks_and_writes_one_folder(runs):
         assert ranks(two / f"imp_{inner}" / "retrain") == {"0": 0, "1": 1, "2": 0}
     # Real-data IMP trains rounds 0 and 1 data parallel (rank 0 records them); mask 2 is the only unit.
     assert ranks(two / "imp_real" / "retrain") == {"0": 0, "1": 0, "2": 0}
-    assert output.count("[fastmask] stage") == len(pipeline.STAGES)  # only rank 0 speaks
+    assert output.count("[fastmask] stage") == len(STAGES)  # only rank 0 speaks
 
 
 def test_units_of_a_lost_rank_are_rerun_on_resume(runs, tmp_path):
@@ -205,6 +206,7 @@ def test_helpers_and_data_parallel_fit_under_torchrun(tmp_path):
 def _worker(out: Path):
     import fastmask.train as train_module
     from fastmask import data, models
+    from fastmask.checkpoint import CheckpointFile
     from fastmask.stack import Stack
     from fastmask.train import TrainConfig, fit
 
@@ -264,7 +266,7 @@ def _worker(out: Path):
         pass
 
     uninterrupted, interrupted = build(norm="batch"), build(norm="batch")
-    first = fit(uninterrupted, splits.train, cfg, seed=1, resume_file=out / "a.pt", save_every=4, progress=False)
+    first = fit(uninterrupted, splits.train, cfg, seed=1, checkpoint=CheckpointFile(out / "a.pt", every=4), progress=False)
     original = train_module.Loader.batch
 
     def dies_at_step_9(self, step):
@@ -274,12 +276,12 @@ def _worker(out: Path):
 
     train_module.Loader.batch = dies_at_step_9
     try:
-        fit(interrupted, splits.train, cfg, seed=1, resume_file=out / "b.pt", save_every=4, progress=False)
+        fit(interrupted, splits.train, cfg, seed=1, checkpoint=CheckpointFile(out / "b.pt", every=4), progress=False)
     except Killed:
         pass
     train_module.Loader.batch = original
     resumed = build(norm="batch")
-    second = fit(resumed, splits.train, cfg, seed=1, resume_file=out / "b.pt", save_every=4, progress=False)
+    second = fit(resumed, splits.train, cfg, seed=1, checkpoint=CheckpointFile(out / "b.pt", every=4), progress=False)
     report["resumed_equals_uninterrupted"] = first.losses == second.losses and all(
         torch.equal(a, b) for a, b in zip(uninterrupted.state_dict().values(), resumed.state_dict().values()))
 

@@ -9,8 +9,10 @@ from torch.func import functional_call
 from torch.nn.utils import prune
 
 from fastmask import hessian
-from fastmask.hessian import (accumulate_probes_reference, hessian_diag, philox4x32, rademacher_probes,
-                              rademacher_probes_reference, top_eigenvalue)
+from fastmask.hessian import hessian_diag, top_eigenvalue
+from fastmask.ops import hutchinson as hutchinson_ops
+from fastmask.ops.hutchinson import (accumulate_probes_reference, philox4x32, rademacher_probes,
+                                     rademacher_probes_reference)
 
 DT = torch.float64
 
@@ -392,7 +394,7 @@ def test_rademacher_kernel_matches_reference(triton_backend, seed, masked):
 
 def test_reference_probes_are_independent_of_chunking(monkeypatch):
     whole = rademacher_probes_reference(3, 0, 4, 1037, dtype=DT)
-    monkeypatch.setattr(hessian, "_REFERENCE_CHUNK", 4 * 2 * hessian.ENTRIES_PER_DRAW)  # 2 draws per step
+    monkeypatch.setattr(hutchinson_ops, "_REFERENCE_CHUNK", 4 * 2 * hutchinson_ops.ENTRIES_PER_DRAW)  # 2 draws a step
     assert torch.equal(rademacher_probes_reference(3, 0, 4, 1037, dtype=DT), whole)
     assert not torch.equal(whole[0], whole[1])
 
@@ -408,7 +410,7 @@ def test_probe_entries_are_the_bits_of_philox_draws(entry):
 
 @pytest.mark.parametrize("count", [0, 7])
 def test_welford_kernel_matches_float64(triton_backend, count):
-    from fastmask.hessian import accumulate_probes
+    from fastmask.ops.hutchinson import accumulate_probes
 
     g = torch.Generator().manual_seed(count)
     n, probes = 1031, 5

@@ -5,7 +5,8 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 import fastmask
-from fastmask.nn import MaskedConv2d, MaskedLinear, get_masks, set_masks
+from fastmask import masks
+from fastmask.nn import MaskedConv2d, MaskedLinear
 from helpers import assert_close
 
 
@@ -23,7 +24,7 @@ def test_sparsify_keeps_parameters_and_function():
     assert isinstance(net[0], MaskedConv2d) and isinstance(net[4], MaskedLinear)
     assert all(a is b for a, b in zip(params, net.parameters()))
     assert_close(net(x), before.double())
-    assert set(get_masks(net)) == {"0.weight", "2.weight", "4.weight"}
+    assert set(masks.of(net)) == {"0.weight", "2.weight", "4.weight"}
 
 
 def test_mask_is_saved_in_state_dict_and_zeroes_weights():
@@ -36,7 +37,7 @@ def test_mask_is_saved_in_state_dict_and_zeroes_weights():
     other = fastmask.sparsify(small_net())
     other.load_state_dict(state)
     assert torch.equal(other[0].mask, mask)
-    assert fastmask.nn.density(net) < 1.0
+    assert masks.density(net) < 1.0
 
 
 def test_masked_module_gradient_is_zero_at_pruned_weights():
@@ -63,7 +64,7 @@ def test_masks_move_between_fastmask_and_torch_prune():
 def test_set_masks_rejects_unknown_names_and_bad_masks():
     net = fastmask.sparsify(small_net())
     with pytest.raises(ValueError, match="not masked modules"):
-        set_masks(net, {"9.weight": torch.ones(1, dtype=torch.bool)})
+        masks.apply(net, {"9.weight": torch.ones(1, dtype=torch.bool)})
     with pytest.raises(ValueError, match="mask has shape"):
         net[0].set_mask(torch.ones(3, dtype=torch.bool))
 

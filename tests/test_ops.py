@@ -120,9 +120,9 @@ def test_input_expanded_over_the_models_is_read_as_one_batch(triton_backend, mon
     """Stack(x, shared=True) expands the batch over K (stride 0): the op gets the one batch, and the
     values and the gradient of the batch are those of K models on the same input."""
     seen = []
-    conv_op, linear_op = ops._conv_op, ops._linear_op
-    monkeypatch.setattr(ops, "_conv_op", lambda x, *args: seen.append(x.shape[0]) or conv_op(x, *args))
-    monkeypatch.setattr(ops, "_linear_op", lambda x, *args: seen.append(x.shape[0]) or linear_op(x, *args))
+    conv_op, linear_op = ops.conv._conv_op, ops.linear._linear_op
+    monkeypatch.setattr(ops.conv, "_conv_op", lambda x, *args: seen.append(x.shape[0]) or conv_op(x, *args))
+    monkeypatch.setattr(ops.linear, "_linear_op", lambda x, *args: seen.append(x.shape[0]) or linear_op(x, *args))
     models = 3
     base = torch.randn(2, 3, 6, 5, requires_grad=True)
     w = torch.randn(models, 4, 3, 3, 3, requires_grad=True)

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmask import masks
 from fastmask.kernels import masked_optim
-from fastmask.optim import MaskedAdamW, MaskedSGD, masks_from_model
+from fastmask.optim import MaskedAdamW, MaskedSGD
 from helpers import rel_error
 
 STEPS = 50
@@ -354,7 +355,7 @@ def test_from_model_takes_the_masks_of_masked_modules(device):
     model = nn.Sequential(TinyMasked((4, 5), torch.rand(4, 5) > 0.5),
                           TinyMasked((3, 2, 5), torch.rand(1, 2, 5) > 0.5),  # a stack sharing one mask
                           nn.Linear(5, 3)).to(device)
-    found = masks_from_model(model)
+    found = masks.by_parameter(model)
     assert set(map(id, found)) == {id(model[0].weight), id(model[1].weight)}
     opt = MaskedSGD.from_model(model, lr=0.1, momentum=0.9)
     assert set(map(id, opt.masks)) == set(map(id, found))
@@ -381,7 +382,7 @@ def test_masks_may_be_zero_one_floats_and_are_stored_as_booleans():
 
 def test_bad_input_gives_a_clear_error():
     p, q = nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(5))
-    with pytest.raises(ValueError, match=r"masks: mask of shape \(4, 3\) for a parameter of shape \(3, 4\)"):
+    with pytest.raises(ValueError, match=r"masks: mask has shape \(4, 3\) but a parameter has shape \(3, 4\)"):
         MaskedSGD([p], lr=0.1, masks={p: torch.ones(4, 3, dtype=torch.bool)})
     with pytest.raises(ValueError, match="boolean or hold only 0 and 1"):
         MaskedSGD([p], lr=0.1, masks={p: torch.full((3, 4), 0.5)})
@@ -391,10 +392,10 @@ def test_bad_input_gives_a_clear_error():
         MaskedSGD([p], lr=0.1, masks={p: [[True] * 4] * 3})
     with pytest.raises(TypeError, match="mapping"):
         MaskedSGD([p], lr=0.1, masks=[(p, torch.ones(3, 4, dtype=torch.bool))])
-    with pytest.raises(ValueError, match="masks: mask on meta"):
+    with pytest.raises(ValueError, match="masks: mask is on meta"):
         MaskedSGD([p], lr=0.1, masks={p: torch.ones(3, 4, dtype=torch.bool, device="meta")})
     opt = MaskedSGD([p], lr=0.1)
-    with pytest.raises(ValueError, match="masks: mask of shape"):
+    with pytest.raises(ValueError, match="masks: mask has shape"):
         opt.set_masks({p: torch.ones(12, dtype=torch.bool)})
     with pytest.raises(ValueError, match="nesterov"):
         MaskedSGD([p], lr=0.1, nesterov=True)

@@ -7,6 +7,8 @@ from torch import nn
 
 import fastmask.models as models
 from fastmask import data, prune
+from fastmask.masks import density
+from fastmask.stages import imp as imp_stage
 from fastmask.train import TrainConfig
 
 
@@ -52,7 +54,7 @@ def test_pruning_never_revives_and_masks_are_monotone():
     second = prune.magnitude_masks(net, 0.5, masks=first)
     for name in first:
         assert not (second[name] & ~first[name]).any()
-    assert prune.density(second) == pytest.approx(0.25, abs=2 / sum(m.numel() for m in first.values()))
+    assert density(second) == pytest.approx(0.25, abs=2 / sum(m.numel() for m in first.values()))
 
 
 @pytest.mark.parametrize("rate", [-0.1, 1.0, 1.5])
@@ -72,7 +74,7 @@ def test_bad_masks_and_scope_are_value_errors():
 def test_random_masks_have_the_density(scope):
     net = plain_net()
     masks = prune.random_masks(net, 0.3, scope, seed=1)
-    assert prune.density(masks) == pytest.approx(0.3, abs=1e-3)
+    assert density(masks) == pytest.approx(0.3, abs=1e-3)
     assert torch.equal(masks["0.weight"], prune.random_masks(net, 0.3, scope, seed=1)["0.weight"])
 
 
@@ -104,9 +106,13 @@ def test_imp_layer_scope_density_per_tensor(digits):
             assert abs(int(mask.sum()) - 0.7**r * mask.numel()) <= 0.5
 
 
+def imp_in_folder(digits, folder):
+    return imp_stage.run_in_folder(prune.IMP(small_convnet(digits), digits, 3, retrain_cfg=SHORT, progress=False),
+                                   folder)
+
+
 def test_killed_imp_resumes_at_its_round(digits, tmp_path, monkeypatch):
-    uninterrupted = prune.imp(small_convnet(digits), digits, 3, retrain_cfg=SHORT, progress=False,
-                              out_dir=tmp_path / "full")
+    uninterrupted = imp_in_folder(digits, tmp_path / "full")
 
     class Killed(Exception):
         pass
@@ -122,11 +128,10 @@ def test_killed_imp_resumes_at_its_round(digits, tmp_path, monkeypatch):
 
     monkeypatch.setattr(prune, "magnitude_masks", die_in_round_two)
     with pytest.raises(Killed):
-        prune.imp(small_convnet(digits), digits, 3, retrain_cfg=SHORT, progress=False, out_dir=tmp_path / "killed")
+        imp_in_folder(digits, tmp_path / "killed")
     monkeypatch.undo()
     assert json.loads((tmp_path / "killed" / "imp_state.json").read_text())["found"] == 1
-    resumed = prune.imp(small_convnet(digits), digits, 3, retrain_cfg=SHORT, progress=False,
-                        out_dir=tmp_path / "killed")
+    resumed = imp_in_folder(digits, tmp_path / "killed")
     assert resumed.rounds == uninterrupted.rounds
     for a, b in zip(resumed.masks, uninterrupted.masks):
         assert all(torch.equal(a[n], b[n]) for n in a)

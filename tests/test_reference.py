@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastmask.models as fastmask_models
-from fastmask import data, pipeline, prune as fastmask_prune
+from fastmask import data, masks as fastmask_masks, pipeline, prune as fastmask_prune
 from fastmask.train import TrainConfig
 
 from bench.reference import __main__ as cli
@@ -104,7 +104,7 @@ def test_torch_prune_gives_fastmasks_masks_round_after_round(scope):
         assert set(mine) == set(masks)
         for name in masks:
             assert torch.equal(mine[name], masks[name]), (r, name)
-        assert prune.density(mine) == fastmask_prune.density(masks)
+        assert prune.density(mine) == fastmask_masks.density(masks)
 
 
 def test_random_masks_keep_the_same_count_in_every_layer():
@@ -141,7 +141,7 @@ def _twin_models(seed: int, norm: str, digits):
     torch.manual_seed(seed)
     reference = models.create("convnet3", 10, (1, 8, 8), width=8, norm=norm)
     masks = prune.random_masks(reference, 0.5, seed=0)
-    fastmask_prune.apply_masks(ours, masks)
+    fastmask_masks.apply(ours, masks)
     prune.apply_masks(reference, masks)
     with torch.no_grad():  # running statistics away from their defaults, alike in both; confident logits
         ours.train()(digits.train.images[:300])

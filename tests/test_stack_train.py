@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import fastmask.models as models
-from fastmask import data
+from fastmask import data, io
+from fastmask.checkpoint import CheckpointFile
 from fastmask.stack import Stack
 from fastmask.train import TrainConfig, evaluate, fit
 import fastmask.train as train_module
@@ -160,7 +161,7 @@ def test_resume_from_checkpoint_is_exact(digits, tmp_path, monkeypatch):
     class Killed(Exception):
         pass
 
-    save_state = train_module.io.save_state
+    save_state = io.save_state
 
     def save_then_die(path, state):
         save_state(path, state)
@@ -170,13 +171,13 @@ def test_resume_from_checkpoint_is_exact(digits, tmp_path, monkeypatch):
     resume = tmp_path / "train.pt"
     killed = models.create("convnet3", 10, digits.train.image_shape, width=8)
     killed.load_state_dict(initial)
-    monkeypatch.setattr(train_module.io, "save_state", save_then_die)
+    monkeypatch.setattr(io, "save_state", save_then_die)
     with pytest.raises(Killed):
-        fit(killed, digits.train, cfg, seed=3, checkpoint_steps=[0, 4], resume_file=resume, save_every=3,
+        fit(killed, digits.train, cfg, seed=3, checkpoint_steps=[0, 4], checkpoint=CheckpointFile(resume, every=3),
             progress=False)
     monkeypatch.undo()
     resumed = models.create("convnet3", 10, digits.train.image_shape, width=8)  # weights come from the file
-    result = fit(resumed, digits.train, cfg, seed=3, checkpoint_steps=[0, 4], resume_file=resume, save_every=3,
+    result = fit(resumed, digits.train, cfg, seed=3, checkpoint_steps=[0, 4], checkpoint=CheckpointFile(resume, every=3),
                  progress=False)
     for key, value in uninterrupted.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key

@@ -1,0 +1,266 @@
+"""K networks combined from J source models, evaluated over data as one stack: the engine of
+linear mode connectivity (``fastmask.lmc``: the alphas of a segment) and loss landscapes
+(``fastmask.landscape``: the points of a plane).
+
+``evaluate_combinations(models, coefficients, data)`` gives the loss and error over ``data`` of
+the K networks ``sum_j coefficients[k, j] * models[j]``: every floating tensor (weights, biases,
+normalisation parameters and running statistics) is combined, the masks are kept. With
+``bn_reset_data`` the BatchNorm statistics of every network are recomputed from that data instead
+(as REPAIR does: reset, momentum None so the average is cumulative, one train-mode pass without
+gradient), since combined statistics are not the statistics of the combined network.
+
+How it runs: the J models become one ``fastmask.stack.Stack``; for a chunk of K combinations
+every stacked layer takes its K combined tensors (``Stack.load_stacked``) and each batch goes
+once through all K networks (``forward(x, shared=True)``), so the data is read once per chunk.
+With ``in_kernel`` (two models, coefficients ``(1 - alpha, alpha)``) the conv and linear layers
+keep the two weight sets and form the K interpolated masked weights inside the kernels
+(``Stack.interpolate_in_kernel``). K is all the combinations unless memory is short: on CUDA the
+chunk comes from the free memory and the measured footprint of one network, on the CPU it is
+``CPU_CHUNK``; the results do not depend on it. Models that do not stack (a layer type ``Stack``
+does not know, or forward code that does not run on ``[K, B, ...]`` tensors: checked on two
+examples against the models themselves) are evaluated one network at a time, with a warning.
+
+The sources must share their masks: ``aligned_sources`` makes copies that do where the models'
+masks differ (the combined network then combines the masked weights, under the union of the masks).
+
+Example::
+
+    from fastmask import combinations
+    combinations.check_models([a, b, c], ["a", "b", "c"])
+    sources = combinations.aligned_sources([a, b, c])
+    coefficients = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.25, 0.25]], dtype=torch.float64)
+    loss, error = combinations.evaluate_combinations(sources, coefficients, splits.test)
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from fastmask.evaluation import DEFAULT_BATCH_SIZE, Batches, LossFn, forward_of, loss_and_error
+from fastmask.nn import is_masked
+from fastmask.stack import Stack, StackedBatchNorm2d
+
+__all__ = ["check_models", "aligned_sources", "Combinations", "stack_or_none", "evaluate_combinations", "CPU_CHUNK",
+           "MEMORY_FRACTION", "STACK_CHECK_TOLERANCE"]
+
+CPU_CHUNK = 16  # combinations per pass on the CPU
+MEMORY_FRACTION = 0.6  # of the free CUDA memory a chunk may take; the rest covers what one probe cannot see
+STACK_CHECK_TOLERANCE = 1e-2  # normwise; TF32 convolutions differ by ~1e-3, a forward that mixes models by O(1)
+
+
+def check_models(models: Sequence[nn.Module], names: Sequence[str]) -> None:
+    """All ``models`` one architecture (module names and types, tensor names and shapes) on one device;
+    errors name them by ``names``."""
+    for model, name in zip(models, names):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
+    first, first_name = models[0], names[0]
+    modules = dict((n, type(m)) for n, m in first.named_modules())
+    shapes = {n: tuple(t.shape) for n, t in first.state_dict().items()}
+    for model, name in zip(models[1:], names[1:]):
+        other = dict((n, type(m)) for n, m in model.named_modules())
+        if other != modules:
+            diff = sorted({n for n, _ in set(other.items()) ^ set(modules.items())})[0]
+            raise ValueError(f"{first_name} and {name} must share one architecture: module {diff!r} is "
+                             f"{_describe_module(modules.get(diff))} in {first_name} but "
+                             f"{_describe_module(other.get(diff))} in {name}")
+        state = model.state_dict()
+        if set(state) != set(shapes):
+            key = sorted(set(state) ^ set(shapes))[0]
+            raise ValueError(f"{first_name} and {name} must share one architecture: tensor {key!r} is in "
+                             f"{first_name if key in shapes else name} only")
+        for key, tensor in state.items():
+            if shapes[key] != tuple(tensor.shape):
+                raise ValueError(f"{first_name} and {name} must share one architecture: tensor {key!r} has shape "
+                                 f"{shapes.get(key)} in {first_name} but {tuple(tensor.shape)} in {name}")
+    devices = {t.device for model in models for t in model.state_dict().values()}
+    if len(devices) > 1:
+        raise ValueError(f"{' and '.join(names)} must be on one device, got {sorted(map(str, devices))}")
+
+
+def _describe_module(kind) -> str:
+    return "missing" if kind is None else kind.__name__
+
+
+
+def aligned_sources(models: Sequence[nn.Module]) -> list[nn.Module]:
+    """The models, or copies of them whose masked weights are pre-masked and whose masks are the
+    union of the models' masks where those differ: any combination of the copies' weights under
+    their (shared) masks is then the combination of the models' masked weights."""
+    differing = []
+    for name, module in models[0].named_modules():
+        if is_masked(module):
+            masks = [model.get_submodule(name).mask for model in models]
+            if not all(torch.equal(masks[0], m) for m in masks[1:]):
+                differing.append((name, torch.stack(masks).any(0)))
+    if not differing:
+        return list(models)
+    copies = [copy.deepcopy(model) for model in models]
+    with torch.no_grad():
+        for name, union in differing:
+            for model in copies:
+                layer = model.get_submodule(name)
+                layer.weight.mul_(layer.mask)
+                layer.mask.copy_(union)
+    return copies
+
+
+
+class Combinations:
+    """K networks whose every floating tensor is ``sum_j coefficients[k, j] * source_j``'s tensor,
+    held as one stack of the J sources (which must share their masks: see ``aligned_sources``).
+
+    With ``in_kernel`` (two sources, coefficients ``(1 - alpha, alpha)``), conv and linear layers
+    keep the two weight sets and interpolate them inside the kernels; otherwise every tensor is
+    materialised as a stack ``[K, ...]`` by ``networks``.
+    """
+
+    def __init__(self, stack: Stack, in_kernel: bool):
+        self.stack = stack
+        # The sources' masks are one: keep a single copy, shared by all K networks.
+        stack.load_stacked({name: mask[:1] for name, mask in stack.model.named_buffers()
+                            if name.rpartition(".")[2] == "mask"})
+        if in_kernel:
+            stack.interpolate_in_kernel()
+        self.sources = stack.stacked_tensors()  # [J, ...] by name
+        self.batch_norms = [m for m in stack.modules() if isinstance(m, StackedBatchNorm2d) and m.track_running_stats]
+
+    def networks(self, coefficients: Tensor) -> Callable[[Tensor], Tensor]:
+        """Set the K networks of ``coefficients`` ``[K, J]``; returns their forward for one shared batch."""
+        combined = {}
+        for name, source in self.sources.items():
+            compute = torch.promote_types(source.dtype, torch.float32)
+            combined[name] = torch.tensordot(coefficients.to(source.device, compute), source.to(compute),
+                                             dims=1).to(source.dtype)
+        self.stack.load_stacked(combined)
+        return lambda x: self.stack(x, shared=True)
+
+
+def stack_or_none(models: Sequence[nn.Module], inputs: Tensor) -> Optional[Stack]:
+    """A Stack of ``models`` if it computes what they compute (checked on two examples in eval
+    mode), else None with a warning: the caller then evaluates one network at a time."""
+    try:
+        stack = Stack(models)
+    except TypeError as error:
+        warnings.warn(f"the models do not stack ({error}); evaluating one network at a time", stacklevel=3)
+        return None
+    probe = inputs[:2]
+    modes = [model.training for model in models]
+    try:
+        with torch.no_grad():
+            expected = torch.stack([model.eval()(probe) for model in models]).double()
+            got = stack.eval()(probe, shared=True).double()
+    except (RuntimeError, ValueError) as error:
+        warnings.warn(f"the models' forward does not run on stacked [K, B, ...] tensors ({error}); "
+                      "evaluating one network at a time", stacklevel=3)
+        return None
+    finally:
+        for model, mode in zip(models, modes):
+            model.train(mode)
+    scale = expected.abs().max().clamp_min(1e-30)
+    if got.shape != expected.shape or not float((got - expected).abs().max() / scale) <= STACK_CHECK_TOLERANCE:
+        warnings.warn("the stacked models compute something else than the models (their forward code is not "
+                      "agnostic to a leading model dimension); evaluating one network at a time", stacklevel=3)
+        return None
+    return stack
+
+
+
+def _recompute_batch_norm(forward: Callable[[Tensor], Tensor], model: nn.Module, batch_norms: Sequence[nn.Module],
+                          batches: Batches) -> None:
+    """REPAIR-style: reset the statistics, then one cumulative (momentum None) train-mode pass, no gradient."""
+    if not batch_norms:
+        return
+    for bn in batch_norms:
+        bn.momentum = None
+        bn.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        for inputs, _ in batches:
+            forward(inputs)
+    model.eval()
+
+
+def _chunk_size(combinations: Combinations, coefficients: Tensor, inputs: Tensor, requested: Optional[int]) -> int:
+    """Networks per pass: ``requested``; ``CPU_CHUNK`` on the CPU; on CUDA what fits in
+    ``MEMORY_FRACTION`` of the free memory, from one network's measured footprint on ``inputs``."""
+    K = coefficients.shape[0]
+    if requested is not None:
+        return min(requested, K)
+    if inputs.device.type != "cuda":
+        return min(CPU_CHUNK, K)
+    torch.cuda.synchronize(inputs.device)
+    base = torch.cuda.memory_allocated(inputs.device)
+    readings = [base]
+    hooks = [m.register_forward_hook(lambda *_: readings.append(torch.cuda.memory_allocated(inputs.device)))
+             for m in combinations.stack.modules()]
+    try:
+        forward = combinations.networks(coefficients[:1])
+        readings.append(torch.cuda.memory_allocated(inputs.device))
+        with torch.no_grad():
+            forward(inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    per_network = max(max(readings) - base, 1)
+    free, _ = torch.cuda.mem_get_info(inputs.device)
+    free += torch.cuda.memory_reserved(inputs.device) - torch.cuda.memory_allocated(inputs.device)
+    return max(1, min(K, int(MEMORY_FRACTION * free / per_network)))
+
+
+def evaluate_combinations(models: Sequence[nn.Module], coefficients: Tensor, data, *, loss_fn: Optional[LossFn] = None,
+                          bn_reset_data=None, batch_size: int = DEFAULT_BATCH_SIZE, chunk: Optional[int] = None,
+                          in_kernel: bool = False, progress: bool = False, what: str = "networks"):
+    """Loss and error lists over ``data`` of the K networks ``sum_j coefficients[k, j] * models[j]``
+    (``coefficients`` ``[K, J]`` float64): the engine of ``fastmask.lmc`` and ``fastmask.landscape``.
+
+    ``models`` must already be checked (``check_models``) and aligned (``aligned_sources``). ``data`` and
+    ``bn_reset_data``: as ``fastmask.lmc.interpolate``; ``in_kernel``: see ``Combinations``; ``what``
+    names the networks on the progress bar.
+    """
+    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+        raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
+    device = next((t.device for t in models[0].state_dict().values()), torch.device("cpu"))
+    batches = Batches(data, device, batch_size, "data")
+    reset = None if bn_reset_data is None else Batches(bn_reset_data, device, batch_size, "bn_reset_data")
+    inputs = batches.first()[0]
+    K = coefficients.shape[0]
+    stack = stack_or_none(models, inputs)
+    losses: list[float] = []
+    errors: list[float] = []
+    if stack is None:
+        network = copy.deepcopy(models[0])
+        states = [model.state_dict() for model in models]
+        batch_norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                       and m.track_running_stats]
+        for row in tqdm(coefficients.tolist(), desc=what, disable=not progress, leave=False):
+            network.load_state_dict({name: sum(c * state[name] for c, state in zip(row, states))
+                                     if tensor.is_floating_point() else tensor for name, tensor in states[0].items()})
+            network.eval()
+            forward, _ = forward_of(network)
+            if reset is not None:
+                _recompute_batch_norm(forward, network, batch_norms, reset)
+            loss, error = loss_and_error(forward, 1, batches, loss_fn)
+            losses += loss
+            errors += error
+        return losses, errors
+    combinations = Combinations(stack, in_kernel)
+    size = _chunk_size(combinations, coefficients, inputs, chunk)
+    bar = tqdm(total=K, desc=what, disable=not progress, leave=False)
+    for start in range(0, K, size):
+        part = coefficients[start:start + size]
+        forward = combinations.networks(part)
+        combinations.stack.eval()
+        if reset is not None:
+            _recompute_batch_norm(forward, combinations.stack, combinations.batch_norms, reset)
+        loss, error = loss_and_error(forward, part.shape[0], batches, loss_fn)
+        losses += loss
+        errors += error
+        bar.update(part.shape[0])
+    bar.close()
+    return losses, errors

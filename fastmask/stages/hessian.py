@@ -1,0 +1,78 @@
+"""The hessian stage: the Hutchinson estimate of the Hessian diagonal (``fastmask.hessian``) of the
+mean training loss of each analysed network's first LMC copy, over ``hessian.examples`` training
+examples; one network per unit of work (``units/hessian/<network>.json``), the diagonal kept as
+``checkpoints/hessian_<network>.safetensors``.
+
+Result: per network ``{"trace", "trace_stderr", "diag_mean", "diag_max", "num_probes"}``.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from fastmask import distributed, hessian, io, plots
+from fastmask.stages import imp, lmc
+from fastmask.stages.base import Context, ReportContext, Stage, positive
+
+
+@dataclasses.dataclass
+class Config:
+    num_probes: int = 64
+    examples: int = 512  # training examples the Hessian's mean loss is taken over
+    batch_size: int = 256
+
+    def __post_init__(self):
+        if self.num_probes < 2:
+            raise ValueError(f"num_probes must be >= 2 (for a standard error), got {self.num_probes}")
+        positive("examples", self.examples)
+        positive("batch_size", self.batch_size)
+
+
+def run(ctx: Context) -> dict:
+    cfg = ctx.cfg.hessian
+    train = ctx.splits.train
+    examples = min(cfg.examples, len(train))
+    batches = [(train.images[i:i + cfg.batch_size], train.labels[i:i + cfg.batch_size])
+               for i in range(0, examples, cfg.batch_size)]
+
+    def diagonal(kind: str) -> dict:  # a unit of work, on one rank
+        model = lmc.trained_pair(ctx, kind)[0]
+        result = hessian.hessian_diag(model, F.cross_entropy, batches, num_probes=cfg.num_probes, seed=ctx.cfg.seed)
+        io.save_tensors(ctx.path("checkpoints", f"hessian_{kind}.safetensors"), dict(result.diag))
+        return result.summary()
+
+    return distributed.map_units(imp.NETWORKS, diagonal, ctx.path("units", "hessian"))
+
+
+def _plot(folder, kinds, plot_folder) -> str | None:
+    fig, ax = plots.figure()
+    drawn = False
+    for kind in kinds:
+        file = folder / "checkpoints" / f"hessian_{kind}.safetensors"
+        if not file.exists():
+            continue
+        values = torch.cat([t.flatten() for t in io.load_tensors(file).values()])
+        values = values[values != 0].abs().clamp_min(1e-12).log10()
+        ax.hist(values.numpy(), bins=60, histtype="step", label=kind, color=plots.COLOURS.get(kind), density=True)
+        drawn = True
+    if not drawn:
+        return None
+    ax.set_xlabel("log10 |Hessian diagonal entry| (unpruned weights)")
+    ax.set_ylabel("density")
+    ax.legend()
+    plots.save(fig, plot_folder / "hessian_diag.png")
+    return "hessian_diag.png"
+
+
+def report(result: dict, ctx: ReportContext) -> list[str]:
+    lines = ["| network | trace | ± stderr | mean diag | max diag | probes |", "|---|---|---|---|---|---|"]
+    for kind, h in result.items():
+        lines.append(f"| {kind} | {h['trace']:.4g} | {h['trace_stderr']:.2g} | {h['diag_mean']:.3g} | "
+                     f"{h['diag_max']:.3g} | {h['num_probes']} |")
+    name = _plot(ctx.folder, result, ctx.plots)
+    return lines + ["", f"![Hessian diagonal]({'plots/' + name})" if name else "", ""]
+
+
+STAGE = Stage("hessian", "Hessian diagonal (Hutchinson)", run, report, config=Config)

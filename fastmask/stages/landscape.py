@@ -1,0 +1,45 @@
+"""The landscape stage: the loss landscape on the plane through each analysed network's rewind
+weights and its two LMC copies (``fastmask.landscape.plane``), one network per unit of work
+(``units/landscape/<network>.json``), drawn as ``plots/landscape_<network>.png``.
+
+Result: per network ``{"x", "y", "loss", "error", "points"}`` (``LandscapeResult.to_dict``), or
+``{}`` when the stage is disabled.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from fastmask import distributed, landscape, masks as masks_module
+from fastmask.stages import imp, lmc
+from fastmask.stages.base import Context, ReportContext, Stage
+
+
+@dataclasses.dataclass
+class Config:
+    enabled: bool = True
+    grid: int = 11  # points per axis of the plane through the rewind weights and the two LMC copies
+
+
+def run(ctx: Context) -> dict:
+    if not ctx.cfg.landscape.enabled:
+        return {}
+    grid = (ctx.cfg.landscape.grid, ctx.cfg.landscape.grid)
+
+    def plane(kind: str) -> dict:  # a unit of work, on one rank
+        model, masks, rewind = imp.network(ctx, kind)
+        model.load_state_dict(rewind)  # the rewind state holds all-true mask buffers: set the masks after
+        start = masks_module.apply(model, masks or {})
+        model_a, model_b = lmc.trained_pair(ctx, kind)
+        result = landscape.plane(start, model_a, model_b, ctx.splits.test, grid=grid)
+        result.save_plot(ctx.path("plots", f"landscape_{kind}.png"))
+        return result.to_dict()
+
+    return distributed.map_units(imp.NETWORKS, plane, ctx.path("units", "landscape"))
+
+
+def report(result: dict, ctx: ReportContext) -> list[str]:
+    lines = ["The plane through the rewind weights and the two LMC copies.", ""]
+    return lines + [f"![landscape {k}](plots/landscape_{k}.png)" for k in result] + [""]
+
+
+STAGE = Stage("landscape", "Loss landscape", run, report, config=Config)
