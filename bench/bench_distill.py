@@ -1,8 +1,8 @@
-"""Distillation iterations per second, 10 images per class, ConvNet-3 (width 128, instance norm):
-fastmask against the eager loop of the reference code, which runs one network and one class at a
-time. On a GPU CIFAR-shaped data (3 x 32 x 32, real batches of 256, DSA's (outer, inner) loops
-(10, 50): the paper's at 10 images per class); on the CPU digits-shaped data (1 x 8 x 8, real
-batches of 64, DSA loops (2, 2)).
+"""Distillation iterations per second, 10 images per class, ConvNet-3 (instance norm): fastmask
+against the eager loop of the reference code, which runs one network and one class at a time. On
+a GPU CIFAR-shaped data (3 x 32 x 32), width 128, real batches of 256, DSA's (outer, inner) loops
+(10, 50): the paper's at 10 images per class; on the CPU digits-shaped data (1 x 8 x 8), width
+32, real batches of 64, DSA loops (2, 2).
 
 - ``dm``: one iteration = K fresh frozen random networks, for every class a real batch and the
   class's synthetic images under one DSA draw, the embedding-mean loss, one image step.
@@ -154,7 +154,7 @@ class DistillSizes:
 
 
 SIZES = cases(gpu=DistillSizes((3, 32, 32), IPC, 128, 256, (10, 50), 64, 10, 2000, 30, 2560),
-              cpu=DistillSizes((1, 8, 8), IPC, 128, 64, (2, 2), 32, 2, 200, 10, 640),
+              cpu=DistillSizes((1, 8, 8), IPC, 32, 64, (2, 2), 32, 1, 200, 10, 640),
               smoke=DistillSizes((3, 8, 8), 2, 8, 4, (2, 1), 4, 2, 16, 2, 64))
 
 

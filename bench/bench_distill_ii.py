@@ -1,9 +1,9 @@
 """IDC and MTT iterations per second (and on a GPU peak memory), 10 images per class, ConvNet-3
 (width 128, instance norm): fastmask against an eager loop that does the same work one network
 (one student) at a time, as the reference code does. The sizes below are the GPU's (CIFAR-shaped
-data, 3 x 32 x 32); on the CPU digits-shaped data (1 x 8 x 8) with fewer steps
-(``bench_distill.SIZES``: IDC 2 matching steps on 200 images with 32 real per class, MTT 10
-student steps, experts on 640 images).
+data, 3 x 32 x 32); on the CPU digits-shaped data (1 x 8 x 8), width 32, with fewer steps
+(``bench_distill.SIZES``: IDC one matching step with 32 real images per class, MTT 10 student
+steps, experts on 640 images).
 
 - ``idc``: one iteration = K fresh networks, ``inner_loop`` matching steps (every class: 64 real
   images and the class's 40 decoded synthetic images under one augmentation draw, gradient

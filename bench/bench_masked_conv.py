@@ -184,8 +184,10 @@ def _grads(y, inputs, grad_y):
     return torch.autograd.grad(y, [t for t in inputs if t.requires_grad], grad_y)
 
 
-def _autotune() -> str:
-    return os.environ.get("FASTMASK_AUTOTUNE", "full")
+def _autotune(bench) -> str:
+    """The autotune mode in the case's text where kernels run (so that make gpu-session's run with
+    the full list is a row of its own); nothing on the CPU, whose rows time no kernel."""
+    return f" autotune={os.environ.get('FASTMASK_AUTOTUNE', 'full')}" if bench.kernels else ""
 
 
 @pytest.mark.parametrize("c", LAYER_CASES)
@@ -230,10 +232,9 @@ def bench_masked_conv2d(bench, roofline, tf32_matmul_flops, c):
              for name in ("masked_weight", "masked_weight_compiled") if name in times}
     roof = roofline_fields(roofline, conv_rate(roofline, tf32_matmul_flops, dtype), flops, bytes_moved, medians(times),
                            [name for name in ("fastmask", "fastmask_triton") if name in times])
-    tf32 = torch.backends.cudnn.allow_tf32 and dtype == torch.float32
-    bench.row(f"{shape.describe(batch, c.dtype)}{' tf32' if tf32 and bench.kind == 'gpu' else ''} "
-              f"autotune={_autotune()}", times, baseline="prune", **extra, **roof, density=DENSITY,
-              max_normwise_difference=difference)
+    tf32 = " tf32" if torch.backends.cudnn.allow_tf32 and dtype == torch.float32 and bench.kind == "gpu" else ""
+    bench.row(f"{shape.describe(batch, c.dtype)}{tf32}{_autotune(bench)}", times, baseline="prune", **extra, **roof,
+              density=DENSITY, max_normwise_difference=difference)
     assert all(d < 2e-2 for d in difference.values()), difference
 
 
@@ -271,5 +272,5 @@ def bench_stacked_masked_conv2d(bench, roofline, tf32_matmul_flops, c):
         if "sequential_compiled" in times else {}
     roof = roofline_fields(roofline, conv_rate(roofline, tf32_matmul_flops, dtype), flops, bytes_moved, medians(times),
                            ["fastmask_stacked"])
-    bench.row(f"K={STACK}{' shared input' if c.shared_input else ''} {shape.describe(batch, c.dtype)} "
-              f"autotune={_autotune()}", times, baseline="sequential", **extra, **roof, density=DENSITY)
+    bench.row(f"K={STACK}{' shared input' if c.shared_input else ''} {shape.describe(batch, c.dtype)}"
+              f"{_autotune(bench)}", times, baseline="sequential", **extra, **roof, density=DENSITY)

@@ -77,8 +77,8 @@ def case(case_id: str, value, *, headline: bool = False):
     return pytest.param(value, id=case_id, marks=[pytest.mark.headline] if headline else [])
 
 
-def cases(*, gpu: list, cpu: list, smoke: list) -> list:
-    """The case table of this run's kind (see ``kind``)."""
+def cases(*, gpu, cpu, smoke):
+    """This run's kind's (see ``kind``) case table, or any other per-device value (e.g. sizes)."""
     return {"gpu": gpu, "cpu": cpu, "smoke": smoke}[kind()]
 
 

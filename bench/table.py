@@ -89,19 +89,21 @@ def render(results: dict, source: str) -> str:
                           for dtype, flops in roofline.get("matmul_flops", {}).items())
         bandwidth = roofline.get("hbm_bytes_per_s", 0) / 1e12
         lines.append(f"Device roofline measured in the same run: HBM {bandwidth:.2f} TB/s; matmul {rates}.")
-    return "\n".join(lines + [""] + rows_table(rows))
+    return "\n".join(lines + [""] + rows_table(rows, roofline=results.get("kind") != "cpu"))
 
 
-def rows_table(rows: list[dict]) -> list[str]:
-    """The markdown table of benchmark rows (the roofline measurement left out)."""
-    lines = ["| benchmark | case | median ms | speedup | roofline fraction |", "|---|---|---|---|---|"]
+def rows_table(rows: list[dict], roofline: bool = True) -> list[str]:
+    """The markdown table of benchmark rows (the roofline measurement left out), with the roofline
+    fraction column where the rows can have one (a GPU's)."""
+    lines = ["| benchmark | case | median ms | speedup |" + (" roofline fraction |" if roofline else ""),
+             "|---|---|---|---|" + ("---|" if roofline else "")]
     for row in rows:
         if row.get("bench") == "roofline":
             continue
         times = " · ".join(f"{name} {_ms(ms)}" for name, ms in row.get("median_ms", {}).items())
         case = row.get("case", "") + (" (quick)" if row.get("mode") == "quick" else "")
-        lines.append(f"| {_bench_name(row.get('bench', ''))} | {case} | {times} | {_speedups(row)} | "
-                     f"{_roofline(row)} |")
+        lines.append(f"| {_bench_name(row.get('bench', ''))} | {case} | {times} | {_speedups(row)} |"
+                     + (f" {_roofline(row)} |" if roofline else ""))
     return lines
 
 

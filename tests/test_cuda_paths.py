@@ -172,7 +172,7 @@ def test_pick_times_each_candidate_once_per_key(fake_cuda_timing, monkeypatch):
     assert ops._pick(("b",), slow_triton)() == "triton"  # forced: never timed
 
 
-def test_pick_between_the_real_conv_candidates(fake_cuda_timing):
+def test_pick_between_the_real_conv_candidates(triton_backend, fake_cuda_timing):
     """Through the conv op and its backward: each shape's Triton kernel (interpreted, slow) and the
     torch candidate are timed once, the faster is kept, and either gives the reference's values."""
     x, w, m = _conv_problem(K=1, N=2)

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+import torch
 
 from bench import gpu_session
 from bench.gpu_session import Phase, Session
@@ -20,6 +22,7 @@ HEADLINE_BENCHES = {"bench_masked_conv2d", "bench_stacked_masked_conv2d", "bench
                     "bench_pipeline_end_to_end"}
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the session without a GPU")
 def test_dry_run_of_make_gpu_session(tmp_path):
     out, results = tmp_path / "out", tmp_path / "results"
     env = dict(os.environ, OUT=str(out), FASTMASK_BENCH_RESULTS=str(results))
