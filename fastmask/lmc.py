@@ -351,7 +351,7 @@ class Combinations:
 
 
 def stack_or_none(models: Sequence[nn.Module], inputs: Tensor) -> Optional[Stack]:
-    """A Stack of ``models`` if it computes what they compute, else None with a
+    """A Stack of ``models`` (in eval mode) if it computes what they compute, else None with a
     ``StackFallbackWarning``: the caller then evaluates one network at a time.
 
     The check runs float64 copies of the models and of their stack on two examples in eval mode,
@@ -365,7 +365,7 @@ def stack_or_none(models: Sequence[nn.Module], inputs: Tensor) -> Optional[Stack
     if reason is not None:
         _warn_one_at_a_time(reason)
         return None
-    return stack
+    return stack.eval()
 
 
 def _stack_mismatch(models: Sequence[nn.Module], inputs: Tensor) -> Optional[str]:
