@@ -11,9 +11,9 @@ Cases, on a GPU (CIFAR-shaped synthetic data):
   LMC of three networks at 30 alphas, an 11 x 11 landscape, 64 Hutchinson probes);
 - ``synthetic-resnet18``: the same with CIFAR ResNet-18 (BatchNorm: LMC also with the statistics
   reset), dense training and retraining shortened to 2 epochs and 32 probes to bound the run time.
-On the CPU ``digits-convnet3`` (ConvNet-3 width 128 on digits) with 2 IMP rounds of 2 epochs, 20
-DM iterations, 11 alphas, a 5 x 5 landscape and 8 probes, without the compiled reference (it
-compiles every training run, minutes on the CPU).
+On the CPU ``digits-convnet3`` (ConvNet-3 width 128 on digits) with one IMP round, one epoch per
+training, 20 DM iterations, 11 alphas, a 5 x 5 landscape and 8 probes, without the compiled
+reference (it compiles every training run, minutes on the CPU).
 
 Every contender is timed as a whole run, each in a fresh folder, after a warm-up run of a tiny
 version of the same configuration (kernel compilation, autotuning and the dispatch's choices are
@@ -63,7 +63,7 @@ GPU = [PipelineCase("small", "synthetic-convnet3", SMALL),
        PipelineCase("synthetic-convnet3", "synthetic-convnet3"),
        PipelineCase("synthetic-resnet18", "synthetic-convnet3", ("model.name=resnet18", "train.epochs=2",
                                                                  "hessian.num_probes=32"))]
-CPU = [PipelineCase("digits-convnet3", "digits-convnet3", ("imp.rounds=2", "train.epochs=2", "distill.iterations=20",
+CPU = [PipelineCase("digits-convnet3", "digits-convnet3", ("imp.rounds=1", "train.epochs=1", "distill.iterations=20",
                                                            "distill.eval_seeds=1", "lmc.alphas=11", "landscape.grid=5",
                                                            "hessian.num_probes=8"), compiled=False)]
 SMOKE_CASES = [PipelineCase("small", "synthetic-convnet3", SMOKE + ("model.width=8",), compiled=False),
