@@ -1,12 +1,14 @@
-"""Distillation iterations per second on CIFAR-shaped data (3 x 32 x 32, 10 classes), 10 images
-per class, ConvNet-3 (width 128, instance norm): fastmask against the eager loop of the reference
-code, which runs one network and one class at a time.
+"""Distillation iterations per second, 10 images per class, ConvNet-3 (instance norm): fastmask
+against the eager loop of the reference code, which runs one network and one class at a time. On
+a GPU CIFAR-shaped data (3 x 32 x 32), width 128, real batches of 256, DSA's (outer, inner) loops
+(10, 50): the paper's at 10 images per class; on the CPU digits-shaped data (1 x 8 x 8), width
+32, real batches of 64, DSA loops (2, 2).
 
-- ``dm``: one iteration = K fresh frozen random networks, for every class a real batch of 256 and
-  the class's 10 synthetic images under one DSA draw, the embedding-mean loss, one image step.
-- ``dsa``: one iteration = K fresh networks, 10 matching steps (gradient matching over every
-  class, one image step each) with 50 inner epochs of network training on the synthetic set
-  between them: the paper's (outer, inner) = (10, 50) at 10 images per class.
+- ``dm``: one iteration = K fresh frozen random networks, for every class a real batch and the
+  class's synthetic images under one DSA draw, the embedding-mean loss, one image step.
+- ``dsa``: one iteration = K fresh networks, the outer loop's matching steps (gradient matching
+  over every class, one image step each) with the inner loop's epochs of network training on the
+  synthetic set between them.
 
 The eager contenders use a plain ``nn.Conv2d`` ConvNet-3 defined here, built on the device each
 iteration (the reference builds it on the CPU and copies it over, which is slower), and the same
@@ -17,6 +19,8 @@ do not support, and DM rebuilds its networks every iteration.
 
 Run: .venv/bin/python -m pytest bench/bench_distill.py -o python_files='bench_*.py' -o python_functions='bench_*' -s
 """
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,6 +30,8 @@ from fastmask import data
 from fastmask.distill import DMConfig, DSAConfig, DistributionMatching, GradientMatching
 from fastmask.distill.augment import DSA
 from fastmask.distill.dsa import gradient_distance
+
+from bench.harness import cases
 
 CLASSES = 10
 IPC = 10
@@ -131,32 +137,56 @@ class EagerDSA(EagerDistillation):
                         net_optimizer.step()
 
 
+@dataclasses.dataclass(frozen=True)
+class DistillSizes:
+    """One device's sizes: images (C, H, W), images per class, network width, real images per
+    class per step, DSA's (outer, inner) loops; IDC's and MTT's (bench_distill_ii) too."""
+    shape: tuple
+    ipc: int
+    width: int
+    batch_real: int
+    dsa_loops: tuple
+    idc_batch_real: int
+    idc_inner_loop: int
+    idc_train_images: int
+    mtt_steps: int
+    expert_images: int
+
+
+SIZES = cases(gpu=DistillSizes((3, 32, 32), IPC, 128, 256, (10, 50), 64, 10, 2000, 30, 2560),
+              cpu=DistillSizes((1, 8, 8), IPC, 32, 64, (2, 2), 32, 1, 200, 10, 640),
+              smoke=DistillSizes((3, 8, 8), 2, 8, 4, (2, 1), 4, 2, 16, 2, 64))
+
+
 def cifar_shaped(bench, per_class):
-    shape = (3, 8, 8) if bench.smoke else (3, 32, 32)
-    return data.load("synthetic", device=bench.device, shape=shape, num_classes=CLASSES,
+    """Random images of this device's shape (CIFAR's on a GPU, digits' on the CPU), ``per_class`` per class."""
+    return data.load("synthetic", device=bench.device, shape=SIZES.shape, num_classes=CLASSES,
                      train_size=CLASSES * per_class, test_size=CLASSES).train
+
+
+def _iteration_row(bench, case_text: str, eager, ours):
+    times = bench.measure({"eager": eager.iteration, "fastmask": ours.step})
+    bench.row(case_text, times, baseline="eager",
+              iterations_per_s={name: 1000 / min(t) for name, t in times.items()})
 
 
 @pytest.mark.parametrize("num_networks", [1, 4])
 def bench_dm_iteration(bench, num_networks):
-    ipc, width, batch_real = (2, 8, 4) if bench.smoke else (IPC, 128, 256)
+    ipc, width, batch_real = SIZES.ipc, SIZES.width, SIZES.batch_real
     train = cifar_shaped(bench, batch_real + 44)
     eager = EagerDM(train, ipc, width, batch_real, num_networks, bench.device)
     ours = DistributionMatching(train, ipc, DMConfig(num_networks=num_networks, batch_real=batch_real),
                                 model_options={"width": width})
-    times = {"eager": bench.time(eager.iteration), "fastmask": bench.time(ours.step)}
-    bench.row(f"dm K={num_networks} ipc={ipc}", times, baseline="eager",
-              iterations_per_s={name: 1000 / ms for name, ms in times.items()})
+    _iteration_row(bench, f"dm K={num_networks} ipc={ipc} width={width} {SIZES.shape[1]}x{SIZES.shape[2]}", eager, ours)
 
 
 @pytest.mark.parametrize("num_networks", [1, 4])
 def bench_dsa_iteration(bench, num_networks):
-    ipc, width, batch_real, loops = (2, 8, 4, (2, 1)) if bench.smoke else (IPC, 128, 256, (10, 50))
+    ipc, width, batch_real, loops = SIZES.ipc, SIZES.width, SIZES.batch_real, SIZES.dsa_loops
     train = cifar_shaped(bench, batch_real + 44)
     eager = EagerDSA(train, ipc, width, batch_real, num_networks, bench.device, outer_loop=loops[0],
                      inner_loop=loops[1])
     ours = GradientMatching(train, ipc, DSAConfig(num_networks=num_networks, batch_real=batch_real, outer_loop=loops[0],
                                                   inner_loop=loops[1]), model_options={"width": width})
-    times = {"eager": bench.time(eager.iteration), "fastmask": bench.time(ours.step)}
-    bench.row(f"dsa K={num_networks} ipc={ipc} loops={loops}", times, baseline="eager",
-              iterations_per_s={name: 1000 / ms for name, ms in times.items()})
+    _iteration_row(bench, f"dsa K={num_networks} ipc={ipc} width={width} loops={loops} "
+                          f"{SIZES.shape[1]}x{SIZES.shape[2]}", eager, ours)

@@ -1,6 +1,9 @@
-"""IDC and MTT iterations per second and peak GPU memory on CIFAR-shaped data (3 x 32 x 32,
-10 classes), 10 images per class, ConvNet-3 (width 128, instance norm): fastmask against an eager
-loop that does the same work one network (one student) at a time, as the reference code does.
+"""IDC and MTT iterations per second (and on a GPU peak memory), 10 images per class, ConvNet-3
+(width 128, instance norm): fastmask against an eager loop that does the same work one network
+(one student) at a time, as the reference code does. The sizes below are the GPU's (CIFAR-shaped
+data, 3 x 32 x 32); on the CPU digits-shaped data (1 x 8 x 8), width 32, with fewer steps
+(``bench_distill.SIZES``: IDC one matching step with 32 real images per class, MTT 10 student
+steps, experts on 640 images).
 
 - ``idc``: one iteration = K fresh networks, ``inner_loop`` matching steps (every class: 64 real
   images and the class's 40 decoded synthetic images under one augmentation draw, gradient
@@ -30,32 +33,22 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from bench_distill import CLASSES, IPC, ConvNet3, cifar_shaped
+from bench_distill import CLASSES, SIZES, ConvNet3, cifar_shaped
 from fastmask.distill import IDC, IDCConfig, MTTConfig, TrajectoryMatching
 from fastmask.distill.augment import DSA
 from fastmask.distill.idc import MultiGroupAugment, decode
 from fastmask.distill.mtt import ExpertBuffer, unflatten
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """The smoke pass (no GPU) with one intra-op thread: on a busy machine OpenMP threads waiting on
-    each other make its tiny convolutions ten times slower."""
-    before = torch.get_num_threads()
-    if not torch.cuda.is_available():
-        torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def contenders(bench, case, functions, **extra):
-    """Time each contender and measure its peak memory; one row."""
-    times = {name: bench.time(fn) for name, fn in functions.items()}
-    peaks = {name: bench.peak_memory(fn) for name, fn in functions.items()}
-    bench.row(case, times, baseline="eager", iterations_per_s={name: 1000 / ms for name, ms in times.items()},
-              peak_memory_mib={name: peak / 2**20 for name, peak in peaks.items()}, **extra)
-    if not bench.smoke:
+    """Time each contender (and on a GPU measure its peak memory); one row."""
+    times = bench.measure(functions)
+    if bench.kind == "gpu":
+        peaks = {name: bench.peak_memory(fn) for name, fn in functions.items()}
+        extra["peak_memory_mib"] = {name: peak / 2**20 for name, peak in peaks.items()}
         print("  peak memory: " + ", ".join(f"{name} {peak / 2**20:.0f} MiB" for name, peak in peaks.items()))
+    bench.row(case, times, baseline="eager", iterations_per_s={name: 1000 / min(t) for name, t in times.items()},
+              **extra)
 
 
 # ---------------------------------------------------------------------------------------------- IDC
@@ -117,10 +110,8 @@ class EagerIDC:
 
 @pytest.mark.parametrize("num_networks", [1, 4])
 def bench_idc_iteration(bench, num_networks):
-    if bench.smoke:
-        ipc, width, batch_real, inner_loop, train_images = 2, 8, 4, 2, 16
-    else:
-        ipc, width, batch_real, inner_loop, train_images = IPC, 128, 64, 10, 2000
+    ipc, width, batch_real = SIZES.ipc, SIZES.width, SIZES.idc_batch_real
+    inner_loop, train_images = SIZES.idc_inner_loop, SIZES.idc_train_images
     train = cifar_shaped(bench, max(batch_real + 4 * ipc, train_images // CLASSES + 1))
     eager = EagerIDC(train, ipc, width, num_networks, inner_loop, train_images, batch_real, bench.device)
     config = IDCConfig(num_networks=num_networks, batch_real=batch_real, inner_loop=inner_loop,
@@ -173,7 +164,7 @@ class EagerMTT:
 # fastmask.distill.mtt), so 4 students with their temporaries come near an 80 GB H100's memory.
 @pytest.mark.parametrize("num_networks", [1, 2])
 def bench_mtt_iteration(bench, num_networks):
-    ipc, width, syn_steps = (2, 8, 2) if bench.smoke else (IPC, 128, 30)
+    ipc, width, syn_steps = SIZES.ipc, SIZES.width, SIZES.mtt_steps
     train = cifar_shaped(bench, 256)
     config = MTTConfig(num_networks=num_networks, syn_steps=syn_steps, expert_epochs=2, max_start_epoch=1,
                        experts=2, expert_train_epochs=3, lr_teacher=0.01)
@@ -188,7 +179,7 @@ def bench_mtt_iteration(bench, num_networks):
 
 @pytest.mark.parametrize("num_experts", [4])
 def bench_mtt_experts_epoch(bench, num_experts):
-    width, images = (8, 64) if bench.smoke else (128, 2560)
+    width, images = SIZES.width, SIZES.expert_images
     train = cifar_shaped(bench, images // CLASSES)
 
     def fastmask_epoch():

@@ -1,33 +1,72 @@
-"""Hutchinson Hessian diagonal (64 probes, batch 256 of CIFAR-shaped data): fastmask against the
-loop researchers write, one Rademacher vector and one double-backward Hessian-vector product at
-a time with a host sync per probe, as PyHessian's ``trace`` does.
+"""Hutchinson Hessian diagonal: fastmask against the loop researchers write, one Rademacher vector
+and one double-backward Hessian-vector product at a time with a host sync per probe, as
+PyHessian's ``trace`` does.
 
 Contenders, each giving the diagonal and the per-probe traces:
-- ``loop``: the baseline above (the graph of the gradient built once, 64 double backwards);
-- ``fastmask``: ``hessian_diag`` as shipped (forward-over-reverse, ``probe_batch`` chosen to fit
-  the free memory: its peak memory is that fill target, about 80% of what was free, by design);
-- ``fastmask_probe_batch_8``: the same with 8 probes per batch, whose peak memory says what the
-  batched products cost;
+- ``loop``: the baseline above (the graph of the gradient built once, one double backward per probe);
+- ``fastmask``: ``hessian_diag`` as shipped (forward-over-reverse; on a GPU ``probe_batch`` chosen
+  to fit the free memory, whose peak memory is that fill target, about 80% of what was free, by
+  design; 16 probes per batch on the CPU);
+- ``fastmask_probe_batch_8`` (GPU): the same with 8 probes per batch, whose peak memory says what
+  the batched products cost;
 - ``fastmask_reverse``: the same with reverse-over-reverse products (``_MeanLossHessian.MODES``),
-  to see which kind of product the default should be on this GPU.
+  to see which kind of product the default should be on this device.
 torch.compile of the loop is not a contender: compiled graphs do not support double backward.
 
-The models are fastmask.models' ConvNet-3 (instance norm, the distillation standard) and CIFAR
-ResNet-18 (batch norm, in eval mode), with their all-ones masks: the loop runs them through the
-masked ops as a user would, fastmask through torch.func (where the masked ops use plain torch).
+Cases: on a GPU 64 probes over a batch of 256 CIFAR-shaped images, ConvNet-3 (instance norm, the
+distillation standard; headline) and CIFAR ResNet-18 (batch norm, in eval mode); on the CPU 32
+probes over 256 digits images (1 x 8 x 8) with ConvNet-3 width 128 at 20% density (headline), and
+16 probes over 64 Fashion-MNIST-shaped images (1 x 28 x 28) with ResNet-10 width 16. The models
+are fastmask.models' with their masks: the loop runs them through the masked ops as a user would,
+fastmask through torch.func (where the masked ops use plain torch). Each contender is one whole
+estimate, timed as a whole run.
 
 Run: .venv/bin/python -m pytest bench/bench_hessian.py -o python_files='bench_*.py' -o python_functions='bench_*' -s
 """
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fastmask import hessian, models
+from fastmask import data, hessian, models
 from fastmask.hessian import hessian_diag
+from fastmask.nn import is_masked
 
-NUM_PROBES = 64
-BATCH = 256
+from bench.harness import case, cases
+
 CLASSES = 10
+DENSITY = 0.2
+
+
+@dataclasses.dataclass(frozen=True)
+class HessianCase:
+    arch: str
+    options: tuple = ()  # model options as (name, value) pairs
+    data: str = "synthetic"  # "digits" (the real training set) or "synthetic" of `shape`
+    shape: tuple = (3, 32, 32)
+    batch: int = 256
+    probes: int = 64
+    density: float = 1.0  # of a random mask on every masked layer
+
+    def describe(self) -> str:
+        options = "".join(f" {key}={value}" for key, value in self.options)
+        where = "digits" if self.data == "digits" else f"{self.shape[1]}x{self.shape[2]}"
+        return f"{self.arch}{options} density={self.density} batch={self.batch} probes={self.probes} {where}"
+
+
+GPU = [HessianCase("convnet3"), HessianCase("resnet18")]
+CPU = [HessianCase("convnet3", data="digits", shape=(1, 8, 8), probes=32, density=DENSITY),
+       HessianCase("resnet10", (("width", 16),), shape=(1, 28, 28), batch=64, probes=16, density=DENSITY)]
+SMOKE = [HessianCase("convnet3", (("width", 8),), shape=(3, 8, 8), batch=2, probes=4),
+         HessianCase("resnet18", (("width", 8),), shape=(3, 8, 8), batch=2, probes=4)]
+
+
+def _table(items):
+    return [case(f"{c.arch}-{c.data if c.data == 'digits' else c.shape[1]}", c, headline=c is items[0]) for c in items]
+
+
+CASES = cases(gpu=_table(GPU), cpu=_table(CPU), smoke=_table(SMOKE))
 
 
 def one_probe_at_a_time(model, x, y, num_probes, seed=0):
@@ -49,35 +88,51 @@ def one_probe_at_a_time(model, x, y, num_probes, seed=0):
     return [d / num_probes for d in diag], traces
 
 
-@pytest.mark.parametrize("arch", ["convnet3", "resnet18"])
-def bench_hessian_diag(bench, monkeypatch, arch):
-    # smoke (CPU): the same code on tiny sizes, once each
-    size, batch, probes = (8, 2, 4) if bench.smoke else (32, BATCH, NUM_PROBES)
+def model_and_batch(c: HessianCase, device):
     torch.manual_seed(0)
-    options = {"width": 8} if bench.smoke else {}
-    model = models.create(arch, CLASSES, (3, size, size), **options).to(bench.device)
-    x = torch.randn(batch, 3, size, size, device=bench.device)
-    y = torch.randint(0, CLASSES, (batch,), device=bench.device)
-    data = [(x, y)]
+    if c.data == "digits":
+        train = data.load("digits", device=device).train
+        x, y = train.images[:c.batch], train.labels[:c.batch]
+    else:
+        x = torch.randn(c.batch, *c.shape, device=device)
+        y = torch.randint(0, CLASSES, (c.batch,), device=device)
+    model = models.create(c.arch, CLASSES, c.shape, **dict(c.options)).to(device)
+    if c.density < 1:
+        generator = torch.Generator().manual_seed(0)
+        for module in model.modules():
+            if is_masked(module):
+                module.set_mask((torch.rand(module.weight.shape, generator=generator) < c.density).to(device))
+    return model, x, y
 
-    def loop():
-        return one_probe_at_a_time(model, x, y, probes)
+
+def _reverse_over_reverse(fn):
+    def run():
+        modes = hessian._MeanLossHessian.MODES
+        hessian._MeanLossHessian.MODES = ("reverse-over-reverse",)
+        try:
+            return fn()
+        finally:
+            hessian._MeanLossHessian.MODES = modes
+
+    return run
+
+
+@pytest.mark.parametrize("c", CASES)
+def bench_hessian_diag(bench, c):
+    model, x, y = model_and_batch(c, bench.device)
+    batches = [(x, y)]
 
     def fastmask():
-        return hessian_diag(model, F.cross_entropy, data, num_probes=probes, seed=0)
+        return hessian_diag(model, F.cross_entropy, batches, num_probes=c.probes, seed=0)
 
-    def fastmask_probe_batch_8():
-        return hessian_diag(model, F.cross_entropy, data, num_probes=probes, probe_batch=8, seed=0)
-
-    times, peaks = {}, {}
-    for name, fn in [("loop", loop), ("fastmask", fastmask), ("fastmask_probe_batch_8", fastmask_probe_batch_8)]:
-        times[name] = bench.time(fn)
-        peaks[name] = bench.peak_memory(fn)
-    with monkeypatch.context() as patch:
-        patch.setattr(hessian._MeanLossHessian, "MODES", ("reverse-over-reverse",))
-        times["fastmask_reverse"] = bench.time(fastmask)
-        peaks["fastmask_reverse"] = bench.peak_memory(fastmask)
-    bench.row(f"{arch} batch={batch} probes={probes} {size}x{size}", times, baseline="loop",
-              peak_memory_bytes=peaks, parameters=sum(p.numel() for p in model.parameters()))
-    if not bench.smoke:
-        print("peak memory (GiB): " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in peaks.items()))
+    contenders = {"loop": lambda: one_probe_at_a_time(model, x, y, c.probes), "fastmask": fastmask,
+                  "fastmask_reverse": _reverse_over_reverse(fastmask)}
+    if bench.kind != "cpu":  # what a batch of 8 probes costs in memory: a GPU's question
+        contenders["fastmask_probe_batch_8"] = lambda: hessian_diag(model, F.cross_entropy, batches,
+                                                                    num_probes=c.probes, probe_batch=8, seed=0)
+    times = bench.measure(contenders, whole_runs=True)
+    extra = {}
+    if bench.kind == "gpu":
+        extra["peak_memory_bytes"] = {name: bench.peak_memory(fn) for name, fn in contenders.items()}
+        print("peak memory (GiB): " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in extra["peak_memory_bytes"].items()))
+    bench.row(c.describe(), times, baseline="loop", **extra, parameters=sum(p.numel() for p in model.parameters()))

@@ -1,6 +1,6 @@
-"""Linear mode connectivity: 30 alphas over 10,000 CIFAR-shaped test images, ConvNet-3 and
-ResNet-18 (masked at 20% density), with and without BatchNorm reset (statistics recomputed
-from 10,000 training images per alpha); and a 21 x 21 loss-landscape plane (ConvNet-3).
+"""Linear mode connectivity: 30 alphas between two masked networks (20% density), the loss and
+error at each over a test set, with and without BatchNorm reset (statistics recomputed from the
+training set per alpha); and a loss-landscape plane (ConvNet-3).
 
 Contenders, each returning the loss and error at every alpha:
 - ``loop``: what researchers write: one model (the masked weights as a plain torch model),
@@ -13,13 +13,23 @@ Contenders, each returning the loss and error at every alpha:
   which dynamo cannot trace inside vmap (a graph break that would drop the whole function to eager
   without saying so, capture_scalar_outputs or not: checked with torch 2.13);
 - ``fastmask``: ``fastmask.lmc.interpolate`` (``landscape.plane`` for the plane) on a
-  device-resident dataset: all alphas in one pass, the interpolated weights formed in the kernels.
+  device-resident dataset: all alphas in one pass, on a GPU the interpolated weights formed in
+  the kernels. A fall-back to one alpha at a time (``lmc.StackFallbackWarning``) fails the case.
+
+Cases: on a GPU 10,000 CIFAR-shaped images (3 x 32 x 32), ConvNet-3 (instance norm, and batch
+norm with and without reset) and ResNet-18 (with and without reset), batches of 1000, a 21 x 21
+plane; headline (``make gpu-session``): ConvNet-3 without reset. On the CPU the digits test set
+(360 images of 1 x 8 x 8; the training set for the reset) with ConvNet-3 width 128 (headline)
+and with batch norm and reset, 1000 Fashion-MNIST-shaped images (1 x 28 x 28) with ResNet-10
+width 16, an 11 x 11 plane on digits. Each contender is one whole evaluation, timed as a whole run.
 Targets (issue 9): >= 10x vs ``loop``, >= 1.5x vs ``vmap_compiled``.
 
 Run: .venv/bin/python -m pytest bench/bench_lmc.py -o python_files='bench_*.py' -o python_functions='bench_*' -s
 """
 import copy
+import dataclasses
 import math
+import warnings
 
 import pytest
 import torch
@@ -32,21 +42,52 @@ from torch.utils.data import DataLoader, TensorDataset
 from fastmask import data, landscape, lmc, models
 from fastmask.nn import is_masked, to_torch_prune
 
-ALPHAS = 30
-IMAGES = 10_000
-LOOP_BATCH = 1000
-GRID = (21, 21)
+from bench.harness import case, cases
+
 DENSITY = 0.2
 
-CASES = [("convnet3", {}, False), ("convnet3-bn", {"norm": "batch"}, False), ("convnet3-bn", {"norm": "batch"}, True),
-         ("resnet18", {}, False), ("resnet18", {}, True)]
+
+@dataclasses.dataclass(frozen=True)
+class LMCCase:
+    arch: str
+    options: tuple = ()  # model options as (name, value) pairs
+    reset: bool = False  # BatchNorm statistics recomputed per alpha
+    data: str = "synthetic"  # "digits" (the real test set), or "synthetic" of `shape`
+    shape: tuple = (3, 32, 32)
+    images: int = 10_000
+    alphas: int = 30
+    batch: int = 1000
+    grid: tuple = (21, 21)  # the plane's
+    smoke_compiled: bool = False
+
+    def describe(self) -> str:
+        options = "".join(f" {key}={value}" for key, value in self.options)
+        where = "digits" if self.data == "digits" else f"images={self.images} {self.shape[1]}x{self.shape[2]}"
+        return f"{self.arch}{options}{' bn-reset' if self.reset else ''} alphas={self.alphas} {where}"
+
+    def case_id(self) -> str:
+        norm = "-bn" if ("norm", "batch") in self.options else ""
+        where = "digits" if self.data == "digits" else f"{self.shape[1]}px"
+        return f"{self.arch}{norm}{'-reset' if self.reset else ''}-{where}"
 
 
-def sizes(bench):
-    """(image shape, images, loop batch, alphas, grid): tiny in smoke mode (CPU)."""
-    if bench.smoke:
-        return (3, 8, 8), 48, 16, 3, (3, 3)
-    return (3, 32, 32), IMAGES, LOOP_BATCH, ALPHAS, GRID
+BATCH_NORM = (("norm", "batch"),)
+GPU = [LMCCase("convnet3"), LMCCase("convnet3", BATCH_NORM), LMCCase("convnet3", BATCH_NORM, reset=True),
+       LMCCase("resnet18"), LMCCase("resnet18", reset=True)]
+DIGITS = LMCCase("convnet3", data="digits", shape=(1, 8, 8), grid=(11, 11))
+CPU = [DIGITS, dataclasses.replace(DIGITS, options=BATCH_NORM, reset=True),
+       LMCCase("resnet10", (("width", 16),), shape=(1, 28, 28), images=1000, batch=250)]
+SMOKE = [LMCCase("convnet3", (("width", 8),), shape=(3, 8, 8), images=48, alphas=3, batch=16, grid=(3, 3)),
+         LMCCase("convnet3", (("width", 8), ("norm", "batch")), reset=True, shape=(3, 8, 8), images=48, alphas=3,
+                 batch=16, smoke_compiled=True)]
+
+
+def _table(items, headline=None):
+    return [case(c.case_id(), c, headline=c is headline) for c in items]
+
+
+CASES = cases(gpu=_table(GPU, GPU[0]), cpu=_table(CPU, CPU[0]), smoke=_table(SMOKE, SMOKE[0]))
+PLANE_CASES = cases(gpu=_table(GPU[:1]), cpu=_table(CPU[:1]), smoke=_table(SMOKE[:1]))
 
 
 def masked_models(name, options, shape, seeds, device):
@@ -54,7 +95,7 @@ def masked_models(name, options, shape, seeds, device):
     built = []
     for seed in seeds:
         torch.manual_seed(seed)
-        model = models.create(name.removesuffix("-bn"), 10, shape, **options)
+        model = models.create(name, 10, shape, **options)
         generator = torch.Generator().manual_seed(0)
         for module in model.modules():
             if is_masked(module):
@@ -153,31 +194,46 @@ class VmapLMC:
         return list(zip((loss / count).tolist(), (1 - correct / count).tolist()))
 
 
-def splits_for(bench, shape, images):
-    return data.load("synthetic", device=bench.device, shape=shape, train_size=images, test_size=images)
+def splits_for(bench, c: LMCCase):
+    if c.data == "digits":
+        return data.load("digits", device=bench.device)
+    return data.load("synthetic", device=bench.device, shape=c.shape, train_size=c.images, test_size=c.images)
 
 
 def worst_difference(results, reference):
     return max(abs(a[0] - b[0]) / max(abs(b[0]), 1e-12) for a, b in zip(results, reference))
 
 
-@pytest.mark.parametrize("arch, options, reset", CASES, ids=[f"{c[0]}{'-reset' if c[2] else ''}" for c in CASES])
-def bench_lmc_interpolate(bench, arch, options, reset):
-    shape, images, loop_batch, num_alphas, _ = sizes(bench)
+def batches_of(dataset, size):
+    return [(dataset.images[i:i + size], dataset.labels[i:i + size]) for i in range(0, len(dataset), size)]
+
+
+def loader_of(dataset, size, device):
+    return DataLoader(TensorDataset(dataset.images.cpu(), dataset.labels.cpu()), batch_size=size,
+                      pin_memory=device.type == "cuda")
+
+
+def batched_only(fn):
+    """``fn`` with lmc's fall-back to one alpha at a time made an error: the contender is the batched path."""
+    def run():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", lmc.StackFallbackWarning)
+            return fn()
+
+    return run
+
+
+@pytest.mark.parametrize("c", CASES)
+def bench_lmc_interpolate(bench, c):
     device = bench.device
-    splits = splits_for(bench, shape, images)
-    model_a, model_b = masked_models(arch, options, shape, (1, 2), device)
+    splits = splits_for(bench, c)
+    model_a, model_b = masked_models(c.arch, dict(c.options), splits.train.image_shape, (1, 2), device)
     plain_a, plain_b = plain_copy(model_a), plain_copy(model_b)
-    alphas = lmc.alpha_grid(num_alphas)
-    pin = device.type == "cuda"
-    loader = DataLoader(TensorDataset(splits.test.images.cpu(), splits.test.labels.cpu()), batch_size=loop_batch,
-                        pin_memory=pin)
-    reset_loader = DataLoader(TensorDataset(splits.train.images.cpu(), splits.train.labels.cpu()),
-                              batch_size=loop_batch, pin_memory=pin) if reset else None
-    batches = [(splits.test.images[i:i + loop_batch], splits.test.labels[i:i + loop_batch])
-               for i in range(0, images, loop_batch)]
-    reset_batches = [(splits.train.images[i:i + loop_batch], splits.train.labels[i:i + loop_batch])
-                     for i in range(0, images, loop_batch)] if reset else None
+    alphas = lmc.alpha_grid(c.alphas)
+    loader = loader_of(splits.test, c.batch, device)
+    reset_loader = loader_of(splits.train, c.batch, device) if c.reset else None
+    batches = batches_of(splits.test, c.batch)
+    reset_batches = batches_of(splits.train, c.batch) if c.reset else None
     vmapped = VmapLMC(plain_a, plain_b, alphas)
 
     def loop():
@@ -186,22 +242,23 @@ def bench_lmc_interpolate(bench, arch, options, reset):
     def vmap_compiled():
         return vmapped(batches, reset_batches)
 
+    @batched_only
     def fastmask():
-        result = lmc.interpolate(model_a, model_b, alphas, splits.test, bn_reset_data=splits.train if reset else None,
-                                 batch_size=loop_batch)
+        result = lmc.interpolate(model_a, model_b, alphas, splits.test, bn_reset_data=splits.train if c.reset else None,
+                                 batch_size=c.batch)
         return list(zip(result.loss, result.error))
 
+    contenders = {"loop": loop, "vmap_compiled": vmap_compiled, "fastmask": fastmask}
+    times = bench.measure(contenders, compiled=["vmap_compiled"], whole_runs=True, smoke_compiled=c.smoke_compiled)
     reference = loop()
-    agreement = {name: worst_difference(fn(), reference) for name, fn in
-                 [("vmap_compiled", vmap_compiled), ("fastmask", fastmask)]}
-    # Each call takes seconds, and the agreement calls above were the warm-up: one timed call each.
-    times = {name: bench.wall_ms(fn) for name, fn in
-             [("loop", loop), ("vmap_compiled", vmap_compiled), ("fastmask", fastmask)]}
-    peaks = {name: bench.peak_memory(fn) for name, fn in [("vmap_compiled", vmap_compiled), ("fastmask", fastmask)]}
-    bench.row(f"{arch}{' bn-reset' if reset else ''} alphas={num_alphas} images={images} {shape[1]}x{shape[2]}",
-              times, baseline="loop", speedup_vs_vmap_compiled=times["vmap_compiled"] / times["fastmask"],
-              peak_memory_bytes=peaks, max_relative_loss_difference=agreement,
-              parameters=sum(p.numel() for p in model_a.parameters()), density=DENSITY)
+    agreement = {name: worst_difference(contenders[name](), reference) for name in times if name != "loop"}
+    extra = {"speedup_vs_vmap_compiled": bench.speedup(times, "fastmask", "vmap_compiled")} \
+        if "vmap_compiled" in times else {}
+    if bench.kind == "gpu":
+        extra["peak_memory_bytes"] = {name: bench.peak_memory(contenders[name]) for name in times if name != "loop"}
+    bench.row(c.describe(), times, baseline="loop", **extra,
+              max_relative_loss_difference=agreement, parameters=sum(p.numel() for p in model_a.parameters()),
+              density=DENSITY)
     assert all(math.isfinite(v) and v < 1e-2 for v in agreement.values()), agreement
 
 
@@ -233,24 +290,23 @@ def loop_plane(w0, w1, w2, grid, margin, loader, device):
     return losses
 
 
-def bench_landscape_plane(bench):
-    shape, images, loop_batch, _, grid = sizes(bench)
+@pytest.mark.parametrize("c", PLANE_CASES)
+def bench_landscape_plane(bench, c):
     device = bench.device
-    splits = splits_for(bench, shape, images)
-    w0, w1, w2 = masked_models("convnet3", {}, shape, (0, 1, 2), device)
+    splits = splits_for(bench, c)
+    w0, w1, w2 = masked_models(c.arch, dict(c.options), splits.train.image_shape, (0, 1, 2), device)
     plain = [plain_copy(w) for w in (w0, w1, w2)]
-    loader = DataLoader(TensorDataset(splits.test.images.cpu(), splits.test.labels.cpu()), batch_size=loop_batch,
-                        pin_memory=device.type == "cuda")
+    loader = loader_of(splits.test, c.batch, device)
 
     def loop():
-        return loop_plane(*plain, grid, 0.2, loader, device)
+        return loop_plane(*plain, c.grid, 0.2, loader, device)
 
+    @batched_only
     def fastmask():
-        return landscape.plane(w0, w1, w2, splits.test, grid=grid, batch_size=loop_batch).loss.flatten().tolist()
+        return landscape.plane(w0, w1, w2, splits.test, grid=c.grid, batch_size=c.batch).loss.flatten().tolist()
 
-    reference = loop()
-    difference = max(abs(a - b) / abs(b) for a, b in zip(fastmask(), reference))
-    times = {"loop": bench.wall_ms(loop), "fastmask": bench.wall_ms(fastmask)}  # warmed up by the calls above
-    bench.row(f"convnet3 plane {grid[0]}x{grid[1]} images={images} {shape[1]}x{shape[2]}", times, baseline="loop",
+    times = bench.measure({"loop": loop, "fastmask": fastmask}, whole_runs=True)
+    difference = max(abs(a - b) / abs(b) for a, b in zip(fastmask(), loop()))
+    bench.row(f"{c.arch} plane {c.grid[0]}x{c.grid[1]} {c.describe().rsplit(' ', 1)[-1]}", times, baseline="loop",
               max_relative_loss_difference=difference, density=DENSITY)
     assert difference < 1e-2, difference

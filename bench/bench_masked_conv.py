@@ -1,27 +1,34 @@
-"""Masked conv2d, forward + backward, at every conv layer shape of ConvNet-3 and CIFAR ResNet-18
-(batch 256, 32 x 32 inputs, bf16 and fp32), 20% density.
+"""Masked conv2d, forward + backward, at the conv layer shapes of ConvNet-3 and ResNet-18, 20% density.
 
-Contenders, each computing the output and the gradients of the input (except at the first
-layer, whose input is the image) and of the weight:
+Contenders, each computing the output and the gradients of the input (except at a first layer,
+whose input is the image) and of the weight:
 - ``prune``: an ``nn.Conv2d`` reparametrised by ``torch.nn.utils.prune.custom_from_mask`` (the
   baseline: what the papers' code runs);
 - ``masked_weight``: ``F.conv2d(x, w * m)``; ``masked_weight_compiled``: ``torch.compile`` of it;
-- ``fastmask``: ``fastmask.ops.masked_conv2d`` through its per-shape dispatch (Triton kernel or
-  cuDNN on the pre-masked weight, whichever was faster on the first call);
-- ``fastmask_triton``: the Triton kernels alone (``FASTMASK_BACKEND=triton``).
-And K = 4 models at once on the ConvNet-3 shapes: ``fastmask.ops.stacked_masked_conv2d`` against
-4 sequential ``F.conv2d(x[k], w[k] * m[k])`` (eager and compiled).
+- ``fastmask``: ``fastmask.ops.masked_conv2d`` through its per-shape dispatch (on a GPU the Triton
+  kernel or cuDNN on the pre-masked weight, whichever was faster on the first call; on the CPU
+  the torch reference, ``F.conv2d`` on ``w * m``);
+- ``fastmask_triton`` (GPU): the Triton kernels alone (``FASTMASK_BACKEND=triton``).
+And K = 4 models at once: ``fastmask.ops.stacked_masked_conv2d`` against 4 sequential
+``F.conv2d(x[k], w[k] * m[k])`` (eager and compiled), with one batch per model or one shared batch.
+
+Cases: on a GPU every conv shape of ConvNet-3 and CIFAR ResNet-18 (32 x 32 inputs) and ConvNet-3's
+128 -> 128 conv at 32 x 32, batch 256, bf16 and fp32 (TF32, cuDNN's default, which fastmask
+follows), K = 4 on the ConvNet-3 shapes; headline (``make gpu-session``): ConvNet-3 128 -> 128 at
+32 x 32, ResNet-18 64 -> 64 at 32 x 32 and 256 -> 256 at 8 x 8, both dtypes, and K = 4 at the
+first. On the CPU, float32: ConvNet-3 width 128 on digits (1 x 8 x 8, batch 64) and on
+Fashion-MNIST-shaped images (1 x 28 x 28, batch 32), four shapes of ResNet-18 width 16 on the latter.
 
 Targets (issue 3): fastmask >= 1.3x ``prune`` and >= 1.0x ``masked_weight`` at every shape;
-stacked K=4 >= 2x the 4 sequential calls. Roofline: max(FLOPs / measured matmul rate of the
-dtype, bytes / measured HBM bandwidth); fp32 convolutions run as TF32 (cuDNN's default, which
-fastmask follows), so their matmul rate is a TF32 matmul measured here.
+stacked K=4 >= 2x the 4 sequential calls. Roofline (GPU): max(FLOPs / measured matmul rate of the
+dtype, bytes / measured HBM bandwidth), fp32 at the TF32 rate measured here.
 
 Run: .venv/bin/python -m pytest bench/bench_masked_conv.py -o python_files='bench_*.py' -o python_functions='bench_*' -s
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -31,12 +38,12 @@ from torch.nn.utils import prune
 
 from fastmask import ops
 
+from bench.harness import (case, cases, matmul_rate, medians, roofline_fields, time_masked_layer,
+                           with_backend)
 from bench.reference import models
 
-BATCH = 256
 DENSITY = 0.2
 STACK = 4
-SMOKE = not torch.cuda.is_available()
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -51,10 +58,7 @@ class ConvShape:
     stride: int
     padding: int
     bias: bool
-
-    @property
-    def first_layer(self) -> bool:  # its input is the image: no gradient wanted
-        return self.in_channels == 3
+    first_layer: bool  # its input is the image: no gradient wanted
 
     def smoke(self) -> "ConvShape":
         """The same layer, tiny (for the interpreter and the CPU)."""
@@ -66,15 +70,25 @@ class ConvShape:
                 f"{self.size}x{self.size} batch={batch} {dtype}")
 
 
-def conv_shapes(name: str) -> list[ConvShape]:
-    """The distinct conv layer shapes of model ``name`` on 32 x 32 CIFAR inputs, in call order."""
+@dataclasses.dataclass(frozen=True)
+class ConvCase:
+    shape: ConvShape
+    dtype: str
+    batch: int
+    shared_input: bool = False  # stacked cases: one batch seen by all K models
+    smoke_compiled: bool = False
+
+
+def conv_shapes(name: str, in_shape=(3, 32, 32), **options) -> list[ConvShape]:
+    """The distinct conv layer shapes of model ``name`` on ``in_shape`` inputs, in call order."""
     shapes, seen = [], set()
-    for layer in models.layer_shapes(models.create(name, 10, (3, 32, 32)), (3, 32, 32)):
+    model = models.create(name, 10, in_shape, **options)
+    described = name + "".join(f"-{key}{value}" for key, value in options.items())
+    convs = [layer for layer in models.layer_shapes(model, in_shape) if isinstance(layer["module"], nn.Conv2d)]
+    for index, layer in enumerate(convs):
         m = layer["module"]
-        if not isinstance(m, nn.Conv2d):
-            continue
-        shape = ConvShape(name, layer["name"], m.in_channels, m.out_channels, layer["input_shape"][-1],
-                          m.kernel_size[0], m.stride[0], m.padding[0], m.bias is not None)
+        shape = ConvShape(described, layer["name"], m.in_channels, m.out_channels, layer["input_shape"][-1],
+                          m.kernel_size[0], m.stride[0], m.padding[0], m.bias is not None, index == 0)
         key = dataclasses.replace(shape, layer="")
         if key not in seen:
             seen.add(key)
@@ -82,23 +96,48 @@ def conv_shapes(name: str) -> list[ConvShape]:
     return shapes
 
 
+def _id(c: ConvCase) -> str:
+    return f"{c.shape.model}-{c.shape.layer}-{c.shape.in_channels}x{c.shape.size}-{c.dtype}" + \
+        ("-shared" if c.shared_input else "")
+
+
+def _table(items, headline=()):
+    return [case(_id(c), c, headline=c in headline) for c in items]
+
+
+BATCH = 256
 CONVNET, RESNET = conv_shapes("convnet3"), conv_shapes("resnet18")
-# Without a GPU: one small case of each kind, to check the code (the Triton kernels in the interpreter).
-LAYER_CASES = ([(CONVNET[0], "fp32"), (RESNET[4], "bf16")] if SMOKE
-               else [(s, d) for s in CONVNET + RESNET for d in DTYPES])
-STACK_CASES = [(CONVNET[1], "fp32")] if SMOKE else [(s, d) for s in CONVNET for d in DTYPES]
+# ConvNet-3's 128 -> 128 layer at the 32 x 32 of a CIFAR image (in the network it sees 16 x 16 and 8 x 8).
+CONVNET_32 = dataclasses.replace(CONVNET[1], layer="features.4-at-32x32", size=32)
+RESNET_64, RESNET_256 = (next(s for s in RESNET if (s.in_channels, s.size, s.stride) == key)
+                         for key in ((64, 32, 1), (256, 8, 1)))
+GPU_LAYERS = [ConvCase(s, d, BATCH) for s in [CONVNET_32] + CONVNET + RESNET for d in DTYPES]
+GPU_HEADLINE = [ConvCase(s, d, BATCH) for s in (CONVNET_32, RESNET_64, RESNET_256) for d in DTYPES]
+GPU_STACKS = [ConvCase(s, d, BATCH) for s in [CONVNET_32] + CONVNET for d in DTYPES]
+DIGITS, FASHION = conv_shapes("convnet3", (1, 8, 8)), conv_shapes("convnet3", (1, 28, 28))
+FASHION_RESNET = [s for s in conv_shapes("resnet18", (1, 28, 28), width=16)
+                  if (s.in_channels, s.out_channels, s.kernel) in ((16, 16, 3), (16, 32, 3), (32, 64, 3), (64, 64, 3))]
+CPU_LAYERS = ([ConvCase(s, "fp32", 64) for s in DIGITS] + [ConvCase(s, "fp32", 32) for s in FASHION[:2]]
+              + [ConvCase(s, "fp32", 32) for s in FASHION_RESNET])
+CPU_STACKS = [ConvCase(DIGITS[1], "fp32", 64), ConvCase(DIGITS[0], "fp32", 64, shared_input=True),
+              ConvCase(FASHION[1], "fp32", 32)]
+# torch.compile is checked once, on a case outside the headline (the dry run of make gpu-session skips it).
+SMOKE_HEADLINE = [ConvCase(c.shape.smoke(), c.dtype, 2) for c in GPU_HEADLINE]
+SMOKE_LAYERS = SMOKE_HEADLINE + [ConvCase(CONVNET[0].smoke(), "fp32", 2, smoke_compiled=True)]
+SMOKE_STACKS = [ConvCase(CONVNET_32.smoke(), d, 2) for d in DTYPES] + [ConvCase(DIGITS[0].smoke(), "fp32", 2,
+                                                                                shared_input=True)]
 
-
-def _case_id(case) -> str:
-    shape, dtype = case
-    return f"{shape.model}-{shape.layer}-{dtype}"
+LAYER_CASES = cases(gpu=_table(GPU_LAYERS, GPU_HEADLINE), cpu=_table(CPU_LAYERS, CPU_LAYERS),
+                    smoke=_table(SMOKE_LAYERS, SMOKE_HEADLINE))
+STACK_CASES = cases(gpu=_table(GPU_STACKS, GPU_STACKS[:2]), cpu=_table(CPU_STACKS, CPU_STACKS),
+                    smoke=_table(SMOKE_STACKS, SMOKE_STACKS[:2]))
 
 
 @pytest.fixture(scope="module")
-def tf32_matmul_flops():
-    """The TF32 matmul rate of this device (FLOP/s), measured like the roofline fixture's rates."""
-    if SMOKE:
-        return float("nan")
+def tf32_matmul_flops(roofline):
+    """The TF32 matmul rate of this GPU (FLOP/s), measured like the roofline fixture's rates."""
+    if roofline is None:
+        return None
     import triton.testing
 
     previous = torch.backends.cuda.matmul.allow_tf32
@@ -111,14 +150,9 @@ def tf32_matmul_flops():
     return 2 * 8192**3 / (ms * 1e-3)
 
 
-def matmul_rate(roofline, tf32_flops, dtype: torch.dtype) -> float:
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
-        return tf32_flops
-    return roofline["matmul_flops"].get(str(dtype).removeprefix("torch."), float("nan"))
-
-
-def roofline_ms(flops: float, bytes_moved: float, rate: float, hbm: float) -> float:
-    return max(flops / rate, bytes_moved / hbm) * 1e3
+def conv_rate(roofline, tf32_flops, dtype: torch.dtype) -> float:
+    """The matmul rate a conv of ``dtype`` can reach: TF32's for float32 when cuDNN may use it."""
+    return tf32_flops if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else matmul_rate(roofline, dtype)
 
 
 def conv_work(shape: ConvShape, batch: int, models_: int, dtype: torch.dtype) -> tuple[float, float]:
@@ -133,12 +167,9 @@ def conv_work(shape: ConvShape, batch: int, models_: int, dtype: torch.dtype) ->
     return models_ * flops, models_ * (passes * (x + w + y) * element + passes * w)  # + one mask byte a pass
 
 
-def normwise_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
-
-
-def _tensors(shape: ConvShape, batch: int, dtype: torch.dtype, device, generator, lead=()):
-    x = torch.randn(*lead, batch, shape.in_channels, shape.size, shape.size, generator=generator)
+def _tensors(shape: ConvShape, batch: int, dtype: torch.dtype, device, generator, lead=(), input_lead=None):
+    input_lead = lead if input_lead is None else input_lead
+    x = torch.randn(*input_lead, batch, shape.in_channels, shape.size, shape.size, generator=generator)
     w = torch.randn(*lead, shape.out_channels, shape.in_channels, shape.kernel, shape.kernel, generator=generator)
     w = w * (shape.in_channels * shape.kernel**2) ** -0.5
     m = torch.rand(w.shape, generator=generator) < DENSITY
@@ -153,12 +184,15 @@ def _grads(y, inputs, grad_y):
     return torch.autograd.grad(y, [t for t in inputs if t.requires_grad], grad_y)
 
 
-@pytest.mark.parametrize("case", LAYER_CASES, ids=_case_id)
-def bench_masked_conv2d(bench, roofline, tf32_matmul_flops, monkeypatch, case):
-    full, dtype_name = case
-    shape = full.smoke() if bench.smoke else full
-    batch = 2 if bench.smoke else BATCH
-    dtype = DTYPES[dtype_name]
+def _autotune(bench) -> str:
+    """The autotune mode in the case's text where kernels run (so that make gpu-session's run with
+    the full list is a row of its own); nothing on the CPU, whose rows time no kernel."""
+    return f" autotune={os.environ.get('FASTMASK_AUTOTUNE', 'full')}" if bench.kernels else ""
+
+
+@pytest.mark.parametrize("c", LAYER_CASES)
+def bench_masked_conv2d(bench, roofline, tf32_matmul_flops, c):
+    shape, batch, dtype = c.shape, c.batch, DTYPES[c.dtype]
     x, w, m, b = _tensors(shape, batch, dtype, bench.device, torch.Generator().manual_seed(0))
     y_shape = F.conv2d(x.detach(), w.detach(), None, shape.stride, shape.padding).shape
     grad_y = torch.randn(y_shape, generator=torch.Generator().manual_seed(1)).to(bench.device, dtype)
@@ -179,50 +213,43 @@ def bench_masked_conv2d(bench, roofline, tf32_matmul_flops, monkeypatch, case):
 
     compiled_forward = torch.compile(masked_weight_forward, dynamic=False)
 
-    contenders = {
+    def fastmask():
+        return _grads(ops.masked_conv2d(x, w, m, b, *conv_args), [x, w], grad_y)
+
+    def forward():
+        return ops.masked_conv2d(x, w, m, b, *conv_args).detach()
+
+    with torch.no_grad():
+        expected = masked_weight_forward(x, w, float_mask, b)
+    times, difference = time_masked_layer(bench, {
         "prune": lambda: _grads(pruned(x), pruned_inputs, grad_y),
         "masked_weight": lambda: _grads(masked_weight_forward(x, w, float_mask, b), [x, w], grad_y),
         "masked_weight_compiled": lambda: _grads(compiled_forward(x, w, float_mask, b), [x, w], grad_y),
-        "fastmask": lambda: _grads(ops.masked_conv2d(x, w, m, b, *conv_args), [x, w], grad_y),
-    }
-    if bench.smoke and case != LAYER_CASES[0]:  # torch.compile takes seconds per shape on the CPU: check it once
-        del contenders["masked_weight_compiled"]
-    times = {name: bench.time(fn) for name, fn in contenders.items()}
-    with monkeypatch.context() as patch:  # the Triton kernels alone, past the dispatch
-        patch.setenv("FASTMASK_BACKEND", "triton")
-        times["fastmask_triton"] = bench.time(lambda: _grads(ops.masked_conv2d(x, w, m, b, *conv_args), [x, w], grad_y))
-        triton_out = ops.masked_conv2d(x, w, m, b, *conv_args).detach()
-    with torch.no_grad():
-        expected = masked_weight_forward(x, w, float_mask, b)
-        difference = {"fastmask": normwise_difference(ops.masked_conv2d(x, w, m, b, *conv_args), expected),
-                      "fastmask_triton": normwise_difference(triton_out, expected)}
+    }, fastmask, forward, expected, c.smoke_compiled)
 
     flops, bytes_moved = conv_work(shape, batch, 1, dtype)
-    bound = roofline_ms(flops, bytes_moved, matmul_rate(roofline, tf32_matmul_flops, dtype), roofline["hbm_bytes_per_s"])
-    extra = {f"speedup_vs_{name}": times[name] / times["fastmask"]
+    extra = {f"speedup_vs_{name}": bench.speedup(times, "fastmask", name)
              for name in ("masked_weight", "masked_weight_compiled") if name in times}
-    bench.row(shape.describe(batch, dtype_name), times,
-              baseline="prune", **extra, roofline_ms=bound,
-              roofline_fraction={name: bound / times[name] for name in ("fastmask", "fastmask_triton")},
-              flops=flops, bytes_moved=bytes_moved, density=DENSITY, tf32=torch.backends.cudnn.allow_tf32,
-              max_normwise_difference=difference)
+    roof = roofline_fields(roofline, conv_rate(roofline, tf32_matmul_flops, dtype), flops, bytes_moved, medians(times),
+                           [name for name in ("fastmask", "fastmask_triton") if name in times])
+    tf32 = " tf32" if torch.backends.cudnn.allow_tf32 and dtype == torch.float32 and bench.kind == "gpu" else ""
+    bench.row(f"{shape.describe(batch, c.dtype)}{tf32}{_autotune(bench)}", times, baseline="prune", **extra, **roof,
+              density=DENSITY, max_normwise_difference=difference)
     assert all(d < 2e-2 for d in difference.values()), difference
 
 
-@pytest.mark.parametrize("case", STACK_CASES, ids=_case_id)
-def bench_stacked_masked_conv2d(bench, roofline, tf32_matmul_flops, monkeypatch, case):
-    full, dtype_name = case
-    shape = full.smoke() if bench.smoke else full
-    batch = 2 if bench.smoke else BATCH
-    dtype = DTYPES[dtype_name]
-    xs, ws, m, bs = _tensors(shape, batch, dtype, bench.device, torch.Generator().manual_seed(0), lead=(STACK,))
+@pytest.mark.parametrize("c", STACK_CASES)
+def bench_stacked_masked_conv2d(bench, roofline, tf32_matmul_flops, c):
+    shape, batch, dtype = c.shape, c.batch, DTYPES[c.dtype]
+    xs, ws, m, bs = _tensors(shape, batch, dtype, bench.device, torch.Generator().manual_seed(0), lead=(STACK,),
+                             input_lead=() if c.shared_input else (STACK,))
     conv_args = (shape.stride, shape.padding)
-    y_shape = F.conv2d(xs[0].detach(), ws[0].detach(), None, *conv_args).shape
+    y_shape = F.conv2d(xs[0].detach() if not c.shared_input else xs.detach(), ws[0].detach(), None, *conv_args).shape
     grad_y = torch.randn(STACK, *y_shape, generator=torch.Generator().manual_seed(1)).to(bench.device, dtype)
     float_mask = m.to(dtype)
     # The sequential contenders hold each model's tensors as separate leaves, as K separate models do.
-    per_model = [(xs[k].detach().requires_grad_(xs.requires_grad), ws[k].detach().requires_grad_(),
-                  float_mask[k], None if bs is None else bs[k]) for k in range(STACK)]
+    per_model = [(xs if c.shared_input else xs[k].detach().requires_grad_(xs.requires_grad),
+                  ws[k].detach().requires_grad_(), float_mask[k], None if bs is None else bs[k]) for k in range(STACK)]
 
     def masked_weight_forward(x, w, mask, b):
         return F.conv2d(x, w * mask, b, *conv_args)
@@ -237,16 +264,13 @@ def bench_stacked_masked_conv2d(bench, roofline, tf32_matmul_flops, monkeypatch,
 
     contenders = {"sequential": lambda: sequential(masked_weight_forward),
                   "sequential_compiled": lambda: sequential(compiled_forward), "fastmask_stacked": stacked}
-    if bench.smoke:
-        del contenders["sequential_compiled"]  # checked once by bench_masked_conv2d
-    times = {name: bench.time(fn) for name, fn in contenders.items()}
-    with monkeypatch.context() as patch:
-        patch.setenv("FASTMASK_BACKEND", "triton")
-        times["fastmask_stacked_triton"] = bench.time(stacked)
+    if bench.kernels:
+        contenders["fastmask_stacked_triton"] = with_backend("triton", stacked)
+    times = bench.measure(contenders, compiled=["sequential_compiled"])
     flops, bytes_moved = conv_work(shape, batch, STACK, dtype)
-    bound = roofline_ms(flops, bytes_moved, matmul_rate(roofline, tf32_matmul_flops, dtype), roofline["hbm_bytes_per_s"])
-    extra = {"speedup_vs_sequential_compiled": times["sequential_compiled"] / times["fastmask_stacked"]} \
+    extra = {"speedup_vs_sequential_compiled": bench.speedup(times, "fastmask_stacked", "sequential_compiled")} \
         if "sequential_compiled" in times else {}
-    bench.row(f"K={STACK} {shape.describe(batch, dtype_name)}", times, baseline="sequential", **extra, roofline_ms=bound,
-              roofline_fraction={"fastmask_stacked": bound / times["fastmask_stacked"]}, flops=flops,
-              bytes_moved=bytes_moved, density=DENSITY)
+    roof = roofline_fields(roofline, conv_rate(roofline, tf32_matmul_flops, dtype), flops, bytes_moved, medians(times),
+                           ["fastmask_stacked"])
+    bench.row(f"K={STACK}{' shared input' if c.shared_input else ''} {shape.describe(batch, c.dtype)}"
+              f"{_autotune(bench)}", times, baseline="sequential", **extra, **roof, density=DENSITY)

@@ -1,22 +1,27 @@
-"""Training throughput (images per second) of ConvNet-3 and CIFAR ResNet-18 on CIFAR-shaped
-synthetic data (10,000 images of 3 x 32 x 32), masked at 20% density, SGD with momentum and
-weight decay, batch 256, random crop and flip, bf16 autocast and channels_last on CUDA.
+"""Training: one masked model (20% density), and two at once, SGD with momentum and weight decay.
 
-Contenders, each running the same number of steps of the same configuration:
+Contenders for one model, each running the same steps of the same configuration:
 - ``reference``: the eager reference (``bench.reference.train``): a torchvision-style DataLoader
-  over CPU tensors with a per-sample crop / flip and worker processes, ``torch.nn.utils.prune``
-  masks, ``torch.optim.SGD`` with per-tensor re-masking, a Python step loop;
+  over CPU tensors with a per-sample crop / flip (worker processes on a GPU machine),
+  ``torch.nn.utils.prune`` masks, ``torch.optim.SGD`` with per-tensor re-masking, a Python step loop;
 - ``reference_compiled``: the same with the model under ``torch.compile``;
-- ``fastmask``: ``fastmask.train.fit`` on device-resident data (fused masked kernels, the fused
-  masked optimizer, augmentation on the device, each step's forward and backward replayed from a
+- ``fastmask``: ``fastmask.train.fit`` on device-resident data (on a GPU the fused masked kernels
+  and optimizer, augmentation on the device, each step's forward and backward replayed from a
   CUDA graph);
-- ``fastmask_no_graph``: the same with ``cuda_graph=False`` (every kernel launched from Python),
-  which shows what the graph is worth;
-- two models: ``fastmask_sequential_2`` (two ``fit`` calls, one after the other) against
-  ``fastmask_stack_2`` (one ``fit`` of a ``Stack`` of the two, each with its own data order).
+- ``fastmask_no_graph`` (GPU): the same with ``cuda_graph=False`` (every kernel launched from
+  Python), which shows what the graph is worth.
+For two models: ``fastmask_sequential_2`` (two ``fit`` calls, one after the other) against
+``fastmask_stack_2`` (one ``fit`` of a ``Stack`` of the two, each with its own data order).
+
+Cases: on a GPU 10,000 CIFAR-shaped images (3 x 32 x 32), batch 256, random crop and flip, cosine
+schedule, bf16 autocast and channels_last, ConvNet-3 (100 steps; the two-model case is a headline
+of ``make gpu-session``) and ResNet-18 (50 steps). On the CPU the digits training set (1 x 8 x 8,
+1437 images) with ConvNet-3 width 128, 60 steps of batch 64 without augmentation (the
+``digits-convnet3`` preset's training; headline, both rows), and 1000 Fashion-MNIST-shaped images
+with ResNet-10 width 16, 30 steps of batch 64 with crop and flip.
 Targets (issue 5): fastmask >= 3x the reference for one model; the stack of 2 >= 1.7x the
 throughput of the 2 sequential models. Each timed call is a whole training run (loader and
-optimizer set-up included, as a user pays it), so the medians come from a few runs only.
+optimizer set-up included, as a user pays it), timed as a whole run.
 
 Run: .venv/bin/python -m pytest bench/bench_train.py -o python_files='bench_*.py' -o python_functions='bench_*' -s
 """
@@ -34,65 +39,110 @@ from fastmask.masks import apply as fastmask_apply_masks
 from fastmask.stack import Stack
 from fastmask.train import TrainConfig, fit
 
+from bench.harness import case, cases
 from bench.reference import models, prune
 from bench.reference.pipeline import default_workers
 from bench.reference.train import train
 
 DENSITY = 0.2
-IMAGES = 10_000
-CASES = {"convnet3": 100, "resnet18": 50}  # model -> training steps per timed run
 
 
-def _twins(name: str, shape, options: dict, device):
+@dataclasses.dataclass(frozen=True)
+class TrainCase:
+    arch: str
+    steps: int
+    options: tuple = ()  # model options as (name, value) pairs
+    data: str = "synthetic"  # "digits" (the real training set) or "synthetic" of `shape`
+    shape: tuple = (3, 32, 32)
+    images: int = 10_000
+    batch: int = 256
+    augment: bool = True
+    lr: float = 0.01
+    schedule: str = "cosine"
+    smoke_compiled: bool = False
+
+    def config(self) -> TrainConfig:
+        return TrainConfig(steps=self.steps, batch_size=self.batch, lr=self.lr, momentum=0.9, weight_decay=5e-4,
+                           schedule=self.schedule, augment=self.augment)
+
+    def describe(self, models_: str) -> str:
+        options = "".join(f" {key}={value}" for key, value in self.options)
+        where = "digits" if self.data == "digits" else f"{self.shape[1]}x{self.shape[2]}"
+        return (f"{self.arch}{options} {models_}, {self.steps} steps of batch {self.batch}, {where}, "
+                f"density {DENSITY}")
+
+
+GPU = [TrainCase("convnet3", 100), TrainCase("resnet18", 50)]
+CPU = [TrainCase("convnet3", 60, data="digits", shape=(1, 8, 8), batch=64, augment=False, lr=0.05),
+       TrainCase("resnet10", 30, (("width", 16),), shape=(1, 28, 28), images=1000, batch=64)]
+SMOKE = [TrainCase("convnet3", 2, (("width", 8),), shape=(3, 8, 8), images=64, batch=16, smoke_compiled=True),
+         TrainCase("resnet18", 2, (("width", 8),), shape=(3, 8, 8), images=64, batch=16)]
+
+
+def _table(items, headline=()):
+    return [case(f"{c.arch}-{c.data if c.data == 'digits' else c.shape[1]}", c, headline=c in headline) for c in items]
+
+
+ONE_MODEL_CASES = cases(gpu=_table(GPU), cpu=_table(CPU, CPU[:1]), smoke=_table(SMOKE))
+TWO_MODEL_CASES = cases(gpu=_table(GPU, GPU[:1]), cpu=_table(CPU, CPU[:1]), smoke=_table(SMOKE, SMOKE[:1]))
+
+
+def _twins(c: TrainCase, shape, device):
     """A fastmask model and a reference model with the same initial weights and random masks."""
+    options = dict(c.options)
     torch.manual_seed(0)
-    ours = fastmask_models.create(name, 10, shape, **options)
+    ours = fastmask_models.create(c.arch, 10, shape, **options)
     torch.manual_seed(0)
-    reference = models.create(name, 10, shape, **options)
+    reference = models.create(c.arch, 10, shape, **options)
     masks = prune.random_masks(reference, DENSITY, seed=0)
     fastmask_apply_masks(ours, masks)
     prune.apply_masks(reference, masks)
     return ours.to(device), reference.to(device)
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def bench_train_throughput(bench, name):
-    smoke = bench.smoke
-    shape = (3, 8, 8) if smoke else (3, 32, 32)
-    images = 64 if smoke else IMAGES
-    steps = 2 if smoke else CASES[name]
-    options = {"width": 8} if smoke else {}
-    cfg = TrainConfig(steps=steps, batch_size=16 if smoke else 256, lr=0.01, momentum=0.9, weight_decay=5e-4,
-                      schedule="cosine", augment=True)
-    splits = data.load("synthetic", device=bench.device, shape=shape, train_size=images, test_size=16)
+def _splits(c: TrainCase, device):
+    if c.data == "digits":
+        return data.load("digits", device=device)
+    return data.load("synthetic", device=device, shape=c.shape, train_size=c.images, test_size=16)
+
+
+@pytest.mark.parametrize("c", ONE_MODEL_CASES)
+def bench_train_one_model(bench, c):
+    cfg = c.config()
+    splits = _splits(c, bench.device)
     cpu_images, cpu_labels = splits.train.images.cpu(), splits.train.labels.cpu()
     workers = default_workers(bench.device)
-    ours, reference = _twins(name, shape, options, bench.device)
+    ours, reference = _twins(c, splits.train.image_shape, bench.device)
     reference_for_compile = prune.copy_model(reference)
-    second = copy.deepcopy(ours)
-    stack = Stack([copy.deepcopy(ours), copy.deepcopy(ours)]).to(bench.device)
-
     contenders = {
         "reference": lambda: train(reference, cpu_images, cpu_labels, cfg, 0, bench.device, num_workers=workers),
         "reference_compiled": lambda: train(reference_for_compile, cpu_images, cpu_labels, cfg, 0, bench.device,
                                            num_workers=workers, compile=True),
         "fastmask": lambda: fit(ours, splits.train, cfg, seed=0, progress=False),
-        "fastmask_no_graph": lambda: fit(ours, splits.train, dataclasses.replace(cfg, cuda_graph=False), seed=0,
-                                         progress=False),
     }
-    if smoke and name != "convnet3":  # compiling a whole model takes ~40 s on the CPU: check it once
-        del contenders["reference_compiled"]
-    times = {name_: bench.time(fn, rep_ms=1) for name_, fn in contenders.items()}
-    batch = min(cfg.batch_size, images)
-    extra = {"speedup_vs_reference_compiled": times["reference_compiled"] / times["fastmask"]} \
+    if bench.device.type == "cuda":
+        contenders["fastmask_no_graph"] = lambda: fit(ours, splits.train, dataclasses.replace(cfg, cuda_graph=False),
+                                                      seed=0, progress=False)
+    times = bench.measure(contenders, compiled=["reference_compiled"], whole_runs=True,
+                          smoke_compiled=c.smoke_compiled)
+    batch = min(cfg.batch_size, len(splits.train))
+    extra = {"speedup_vs_reference_compiled": bench.speedup(times, "fastmask", "reference_compiled")} \
         if "reference_compiled" in times else {}
-    bench.row(f"{name} one model, {steps} steps of batch {batch}, {shape[1]}x{shape[2]}, density {DENSITY}", times,
-              baseline="reference", **extra, images_per_second={k: steps * batch / (t * 1e-3) for k, t in times.items()},
-              workers=workers)
+    bench.row(c.describe("one model"), times, baseline="reference", **extra, workers=workers,
+              images_per_second={k: c.steps * batch / (min(t) * 1e-3) for k, t in times.items()})
 
-    pair = {"fastmask_sequential_2": lambda: (fit(ours, splits.train, cfg, seed=0, progress=False),
-                                               fit(second, splits.train, cfg, seed=1, progress=False)),
-            "fastmask_stack_2": lambda: fit(stack, splits.train, cfg, seed=[0, 1], progress=False)}
-    pair_times = {name_: bench.time(fn, rep_ms=1) for name_, fn in pair.items()}
-    bench.row(f"{name} two models, {steps} steps of batch {batch} each", pair_times, baseline="fastmask_sequential_2",
-              images_per_second={k: 2 * steps * batch / (t * 1e-3) for k, t in pair_times.items()})
+
+@pytest.mark.parametrize("c", TWO_MODEL_CASES)
+def bench_train_two_models(bench, c):
+    cfg = c.config()
+    splits = _splits(c, bench.device)
+    first, _ = _twins(c, splits.train.image_shape, bench.device)
+    second = copy.deepcopy(first)
+    stack = Stack([copy.deepcopy(first), copy.deepcopy(first)]).to(bench.device)
+    contenders = {"fastmask_sequential_2": lambda: (fit(first, splits.train, cfg, seed=0, progress=False),
+                                                     fit(second, splits.train, cfg, seed=1, progress=False)),
+                  "fastmask_stack_2": lambda: fit(stack, splits.train, cfg, seed=[0, 1], progress=False)}
+    times = bench.measure(contenders, whole_runs=True)
+    batch = min(cfg.batch_size, len(splits.train))
+    bench.row(c.describe("two models"), times, baseline="fastmask_sequential_2",
+              images_per_second={k: 2 * c.steps * batch / (min(t) * 1e-3) for k, t in times.items()})

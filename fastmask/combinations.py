@@ -46,11 +46,21 @@ from fastmask.nn import is_masked
 from fastmask.stack import Stack, StackedBatchNorm2d
 
 __all__ = ["check_models", "aligned_sources", "Combinations", "stack_or_none", "evaluate_combinations", "CPU_CHUNK",
-           "MEMORY_FRACTION", "STACK_CHECK_TOLERANCE"]
+           "MEMORY_FRACTION", "STACK_CHECK_TOLERANCE", "StackFallbackWarning"]
 
 CPU_CHUNK = 16  # combinations per pass on the CPU
 MEMORY_FRACTION = 0.6  # of the free CUDA memory a chunk may take; the rest covers what one probe cannot see
-STACK_CHECK_TOLERANCE = 1e-2  # normwise; TF32 convolutions differ by ~1e-3, a forward that mixes models by O(1)
+# The stack check runs float64 copies on the torch reference path: sums in another order differ
+# by ~1e-15 there, a forward that mixes the models by O(1), whatever backend or TF32 setting.
+STACK_CHECK_TOLERANCE = 1e-6
+
+
+class StackFallbackWarning(UserWarning):
+    """The networks were evaluated one at a time (one pass over the data each) because the models
+    do not stack. Shown at every occurrence: it can make an evaluation K times slower."""
+
+
+warnings.simplefilter("always", StackFallbackWarning)
 
 
 def check_models(models: Sequence[nn.Module], names: Sequence[str]) -> None:
@@ -142,33 +152,45 @@ class Combinations:
 
 
 def stack_or_none(models: Sequence[nn.Module], inputs: Tensor) -> Optional[Stack]:
-    """A Stack of ``models`` if it computes what they compute (checked on two examples in eval
-    mode), else None with a warning: the caller then evaluates one network at a time."""
+    """A Stack of ``models`` (in eval mode) if it computes what they compute, else None with a
+    ``StackFallbackWarning``: the caller then evaluates one network at a time.
+
+    The check runs float64 copies of the models and of their stack on two examples in eval mode,
+    so it compares the models' forward code, not the kernels, the backend or TF32 rounding."""
     try:
         stack = Stack(models)
     except TypeError as error:
-        warnings.warn(f"the models do not stack ({error}); evaluating one network at a time", stacklevel=3)
+        _warn_one_at_a_time(f"the models do not stack ({error})")
         return None
-    probe = inputs[:2]
-    modes = [model.training for model in models]
-    try:
-        with torch.no_grad():
-            expected = torch.stack([model.eval()(probe) for model in models]).double()
-            got = stack.eval()(probe, shared=True).double()
-    except (RuntimeError, ValueError) as error:
-        warnings.warn(f"the models' forward does not run on stacked [K, B, ...] tensors ({error}); "
-                      "evaluating one network at a time", stacklevel=3)
+    reason = _stack_mismatch(models, inputs)
+    if reason is not None:
+        _warn_one_at_a_time(reason)
         return None
-    finally:
-        for model, mode in zip(models, modes):
-            model.train(mode)
-    scale = expected.abs().max().clamp_min(1e-30)
-    if got.shape != expected.shape or not float((got - expected).abs().max() / scale) <= STACK_CHECK_TOLERANCE:
-        warnings.warn("the stacked models compute something else than the models (their forward code is not "
-                      "agnostic to a leading model dimension); evaluating one network at a time", stacklevel=3)
-        return None
-    return stack
+    return stack.eval()
 
+
+def _stack_mismatch(models: Sequence[nn.Module], inputs: Tensor) -> Optional[str]:
+    """None when a Stack of float64 copies of ``models`` gives the copies' outputs on ``inputs[:2]``; else why not."""
+    copies = [copy.deepcopy(model).double().eval() for model in models]
+    probe = inputs[:2].double() if inputs.is_floating_point() else inputs[:2]
+    try:
+        with torch.no_grad():  # float64 takes the torch reference path on every backend
+            expected = torch.stack([model(probe) for model in copies])
+            got = Stack(copies).eval()(probe, shared=True)
+    except (RuntimeError, ValueError, TypeError) as error:
+        return f"the models' forward does not run on stacked [K, B, ...] tensors ({error})"
+    if got.shape != expected.shape:
+        return f"the stacked models give outputs of shape {tuple(got.shape)}, the models {tuple(expected.shape)}"
+    difference = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+    if not difference <= STACK_CHECK_TOLERANCE:
+        return (f"the stacked models compute something else than the models (relative difference {difference:.2g} "
+                "in float64: their forward code is not agnostic to a leading model dimension)")
+    return None
+
+
+def _warn_one_at_a_time(reason: str) -> None:
+    warnings.warn(f"{reason}; evaluating one network at a time, one pass over the data each", StackFallbackWarning,
+                  stacklevel=4)
 
 
 def _recompute_batch_norm(forward: Callable[[Tensor], Tensor], model: nn.Module, batch_norms: Sequence[nn.Module],
@@ -187,29 +209,36 @@ def _recompute_batch_norm(forward: Callable[[Tensor], Tensor], model: nn.Module,
 
 
 def _chunk_size(combinations: Combinations, coefficients: Tensor, inputs: Tensor, requested: Optional[int]) -> int:
-    """Networks per pass: ``requested``; ``CPU_CHUNK`` on the CPU; on CUDA what fits in
-    ``MEMORY_FRACTION`` of the free memory, from one network's measured footprint on ``inputs``."""
+    """Networks per pass: ``requested``; ``CPU_CHUNK`` on the CPU; on CUDA ``_fitting_chunk``."""
     K = coefficients.shape[0]
     if requested is not None:
         return min(requested, K)
     if inputs.device.type != "cuda":
         return min(CPU_CHUNK, K)
-    torch.cuda.synchronize(inputs.device)
-    base = torch.cuda.memory_allocated(inputs.device)
+    return _fitting_chunk(combinations, coefficients, inputs, inputs.device)
+
+
+def _fitting_chunk(combinations: Combinations, coefficients: Tensor, inputs: Tensor, device: torch.device) -> int:
+    """The networks that fit in ``MEMORY_FRACTION`` of ``device``'s free memory (what the caching
+    allocator holds unused counts as free), from one network's footprint measured on ``inputs``:
+    the largest allocation seen after any module's forward, above what was allocated before."""
+    K = coefficients.shape[0]
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
     readings = [base]
-    hooks = [m.register_forward_hook(lambda *_: readings.append(torch.cuda.memory_allocated(inputs.device)))
+    hooks = [m.register_forward_hook(lambda *_: readings.append(torch.cuda.memory_allocated(device)))
              for m in combinations.stack.modules()]
     try:
         forward = combinations.networks(coefficients[:1])
-        readings.append(torch.cuda.memory_allocated(inputs.device))
+        readings.append(torch.cuda.memory_allocated(device))
         with torch.no_grad():
             forward(inputs)
     finally:
         for hook in hooks:
             hook.remove()
     per_network = max(max(readings) - base, 1)
-    free, _ = torch.cuda.mem_get_info(inputs.device)
-    free += torch.cuda.memory_reserved(inputs.device) - torch.cuda.memory_allocated(inputs.device)
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return max(1, min(K, int(MEMORY_FRACTION * free / per_network)))
 
 

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from fastmask import backend, masks as masks_module
-from fastmask.combinations import aligned_sources, check_models, evaluate_combinations
+from fastmask.combinations import StackFallbackWarning, aligned_sources, check_models, evaluate_combinations
 from fastmask.data import DataSplits
 from fastmask.evaluation import DEFAULT_BATCH_SIZE, LossFn
 from fastmask.stack import Stack

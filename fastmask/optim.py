@@ -183,6 +183,11 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # The learning rate, the step count and the address tables are host values, read at each
+            # step: a replayed graph would repeat the captured ones without saying so.
+            raise RuntimeError(f"{type(self).__name__}.step cannot be captured in a CUDA graph; call it after the "
+                               "graph's replay (as fastmask.train.fit does)")
         for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:

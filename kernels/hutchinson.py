@@ -26,7 +26,9 @@ BLOCK = 1024
 MAX_PROBES_PER_LAUNCH = 65535  # the grid's second axis
 
 
-@triton.jit
+# seed and first_probe take a new value at every call (Hutchinson's probe batches, top_eigenvalue's
+# seeds): not specialised on, so that one compiled variant serves them all.
+@triton.jit(do_not_specialize=["seed", "first_probe"])
 def rademacher_kernel(out_ptr, mask_ptr, seed, first_probe, n, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(1)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -61,7 +63,8 @@ def rademacher(seed: int, first_probe: int, num_probes: int, n: int, mask, dtype
     return out
 
 
-@triton.jit
+# num_probes is 1, then 2, then the measured batch (fastmask.hessian): not specialised on either.
+@triton.jit(do_not_specialize=["num_probes"])
 def welford_update_kernel(z_ptr, hz_ptr, mean_ptr, m2_ptr, new_mean_ptr, new_m2_ptr, probe_sums_ptr,
                           n, num_probes, weight_batch, weight_cross, BLOCK: tl.constexpr):
     block = tl.program_id(0).to(tl.int64)

@@ -19,15 +19,26 @@ import triton
 import triton.language as tl
 
 from . import _alloc
-from ._config import dot_precision, matmul_configs, prune_matmul_configs, upcast_operands
+from ._config import (dot_precision, launch_gemm, matmul_configs, prune_matmul_configs,
+                                      size_bucket, upcast_operands)
+
+# The autotune key of every conv kernel: the layer (channels, image and filter sizes, stride,
+# padding, dilation), the batch as its power-of-two bucket (N_BUCKET: a partial last batch does not
+# re-tune), the number of models K (LMC's one-alpha memory probe must not choose the tiles of its
+# 30 alphas) and the memory layouts (NCHW or channels_last: the strides of channels and columns,
+# which do not depend on the batch). K_MODELS and N_BUCKET are plain integers that the kernels do
+# not specialise on (one compiled variant whatever their values).
+_LAYER_KEY = ["N_BUCKET", "C", "H", "W", "O", "R", "S", "K_MODELS", "stride_h", "stride_w", "pad_h", "pad_w",
+              "dil_h", "dil_w"]
 
 
-@triton.autotune(configs=matmul_configs(), key=["N", "C", "H", "W", "O", "R", "S", "PRECISION", "INTERPOLATE"],
+@triton.autotune(configs=matmul_configs(),
+                 key=_LAYER_KEY + ["sxc", "sxw", "swc", "sws", "PRECISION", "INTERPOLATE"],
                  prune_configs_by={"early_config_prune": prune_matmul_configs})
-@triton.jit
+@triton.jit(do_not_specialize=["K_MODELS", "N_BUCKET"])
 def conv_forward_kernel(
     x_ptr, w_ptr, m_ptr, bias_ptr, y_ptr, w_b_ptr, bias_b_ptr, alpha_ptr,
-    N, C, H, W, O, OH, OW, R, S,
+    N, C, H, W, O, OH, OW, R, S, K_MODELS, N_BUCKET,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sxk, sxn, sxc, sxh, sxw,
     swk, swo, swc, swr, sws,
@@ -88,12 +99,12 @@ def conv_forward_kernel(
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=in_m[:, None] & in_o[None, :])
 
 
-@triton.autotune(configs=matmul_configs(), key=["N", "C", "H", "W", "O", "R", "S", "PRECISION"],
+@triton.autotune(configs=matmul_configs(), key=_LAYER_KEY + ["sgo", "sgw", "swc", "sws", "sxc", "sxw", "PRECISION"],
                  prune_configs_by={"early_config_prune": prune_matmul_configs})
-@triton.jit
+@triton.jit(do_not_specialize=["K_MODELS", "N_BUCKET"])
 def conv_grad_input_kernel(
     gy_ptr, w_ptr, m_ptr, gx_ptr,
-    N, C, H, W, O, OH, OW, R, S,
+    N, C, H, W, O, OH, OW, R, S, K_MODELS, N_BUCKET,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sgk, sgn, sgo, sgh, sgw,
     swk, swo, swc, swr, sws,
@@ -148,12 +159,14 @@ def conv_grad_input_kernel(
     tl.store(gx, acc.to(gx_ptr.dtype.element_ty), mask=in_m[:, None] & in_c[None, :])
 
 
-@triton.autotune(configs=matmul_configs(), key=["N", "C", "H", "W", "O", "R", "S", "SPLIT", "PRECISION"],
+# SPLIT and SPLIT_LEN follow the batch: not specialised on either (SPLIT_LEN takes a new value at
+# almost every batch size, and would otherwise compile a variant per divisibility class).
+@triton.autotune(configs=matmul_configs(), key=_LAYER_KEY + ["SPLIT", "sgo", "sgw", "sxc", "sxw", "PRECISION"],
                  prune_configs_by={"early_config_prune": prune_matmul_configs})
-@triton.jit
+@triton.jit(do_not_specialize=["K_MODELS", "N_BUCKET", "SPLIT", "SPLIT_LEN"])
 def conv_grad_weight_kernel(
     gy_ptr, x_ptr, m_ptr, gw_ptr,
-    N, C, H, W, O, OH, OW, R, S, K_MODELS, SPLIT, SPLIT_LEN,
+    N, C, H, W, O, OH, OW, R, S, K_MODELS, N_BUCKET, SPLIT, SPLIT_LEN,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sgk, sgn, sgo, sgh, sgw,
     sxk, sxn, sxc, sxh, sxw,
@@ -231,9 +244,10 @@ def conv_forward(x, w, m, bias, stride, padding, dilation, allow_tf32, w_b=None,
     def grid(meta):
         return triton.cdiv(N * OH * OW, meta["BLOCK_M"]), triton.cdiv(O, meta["BLOCK_N"]), K
 
-    conv_forward_kernel[grid](
+    launch_gemm(
+        conv_forward_kernel, grid,
         x, w, m, bias_t, y, w_b if interpolate else w, bias_b if interpolate and bias is not None else bias_t,
-        alphas if interpolate else y, N, C, H, W, O, OH, OW, R, S,
+        alphas if interpolate else y, N, C, H, W, O, OH, OW, R, S, K, size_bucket(N),
         stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
         *_strides5(x, K), *_strides5(w, K), *_strides5(m, K), *bias_strides, *y.stride(),
         HAS_BIAS=bias is not None, INTERPOLATE=interpolate, UPCAST=upcast_operands(x.dtype),
@@ -252,8 +266,9 @@ def conv_grad_input(grad_y, w, m, x, stride, padding, dilation, allow_tf32):
     def grid(meta):
         return triton.cdiv(N * H * W, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_N"]), K
 
-    conv_grad_input_kernel[grid](
-        grad_y, w, m, gx, N, C, H, W, O, OH, OW, R, S,
+    launch_gemm(
+        conv_grad_input_kernel, grid,
+        grad_y, w, m, gx, N, C, H, W, O, OH, OW, R, S, K, size_bucket(N),
         stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
         *grad_y.stride(), *w.stride(), *_strides5(m, K), *gx.stride(),
         UPCAST=upcast_operands(grad_y.dtype), PRECISION=dot_precision(grad_y.dtype, allow_tf32),
@@ -267,33 +282,56 @@ def conv_grad_weight(grad_y, x, w, m, stride, padding, dilation, allow_tf32):
     N, _, H, W = x.shape[1:]
     OH, OW = grad_y.shape[-2:]
     pixels = N * OH * OW
-    # Split the pixel reduction so that small weight grids still fill the GPU; one slice when
-    # interpreting (there is no parallelism to gain) or when the grid is already large.
-    tiles = triton.cdiv(O, 64) * triton.cdiv(C * R * S, 64) * K
-    split = 1 if x.device.type == "cpu" else max(1, min(64, 264 // max(tiles, 1), pixels // 1024))
+    n_bucket = size_bucket(N)
+    split = grad_weight_splits(K, O, C * R * S, n_bucket * OH * OW, x.device)
     split_len = triton.cdiv(pixels, split)
     partial = _alloc.empty((split, K, O, R, S, C), device=x.device, dtype=torch.float32)
 
     def grid(meta):
         return triton.cdiv(O, meta["BLOCK_M"]), triton.cdiv(C * R * S, meta["BLOCK_N"]), K * split
 
-    conv_grad_weight_kernel[grid](
-        grad_y, x, m, partial, N, C, H, W, O, OH, OW, R, S, K, split, split_len,
+    launch_gemm(
+        conv_grad_weight_kernel, grid,
+        grad_y, x, m, partial, N, C, H, W, O, OH, OW, R, S, K, n_bucket, split, split_len,
         stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
         *grad_y.stride(), *_strides5(x, K), *_strides5(m, K),
         UPCAST=upcast_operands(x.dtype), PRECISION=dot_precision(x.dtype, allow_tf32),
     )
-    gw = partial[0] if split == 1 else partial.sum(0)
-    return _alloc.empty_like(w).copy_(gw.permute(0, 1, 4, 2, 3))
+    # The slices are laid out (r, s, c) per filter: w's own order when w is channels_last, so a
+    # float32 weight's gradient is then the (summed) slices themselves, not a copy of them.
+    gw = (partial[0] if split == 1 else partial.sum(0)).permute(0, 1, 4, 2, 3)
+    if gw.dtype == w.dtype and gw.stride() == torch.empty_like(w, device="meta").stride():
+        return gw
+    return _alloc.empty_like(w).copy_(gw)
+
+
+def grad_weight_splits(models: int, out_channels: int, reduction: int, pixels: int, device: torch.device) -> int:
+    """Slices of the pixel reduction of grad-weight (split-K), so that a small weight grid (few
+    64 x 64 tiles of [O, C*R*S]) still fills the GPU's 132 multiprocessors twice over: at most 64,
+    at least 1024 pixels each. One slice in the interpreter, which has no parallelism to gain.
+    ``pixels`` is the bucketed batch's, so that every batch of a bucket splits alike (one autotune key)."""
+    if device.type == "cpu":
+        return 1
+    tiles = triton.cdiv(out_channels, 64) * triton.cdiv(reduction, 64) * models
+    return max(1, min(64, 264 // max(tiles, 1), pixels // 1024))
+
+
+def _images_format(like: torch.Tensor) -> torch.memory_format:
+    images = like[0]
+    channels_last = images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last) \
+        and not images.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def stacked_empty(shape, like: torch.Tensor) -> torch.Tensor:
     """A [K, N, C, H, W] output whose per-model images share ``like``'s memory format
     (channels_last or contiguous); the fake (meta) kernels allocate with it too."""
-    images = like[0]
-    channels_last = images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last) \
-        and not images.is_contiguous()
     K, N = shape[:2]
-    out = _alloc.empty((K * N, *shape[2:]), device=like.device, dtype=like.dtype,
-                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    out = _alloc.empty((K * N, *shape[2:]), device=like.device, dtype=like.dtype, memory_format=_images_format(like))
     return out.view(shape)
+
+
+def stacked_strides(shape, like: torch.Tensor) -> tuple[int, ...]:
+    """The strides of ``stacked_empty(shape, like)``, without allocating it."""
+    K, N = shape[:2]
+    return torch.empty((K * N, *shape[2:]), device="meta", memory_format=_images_format(like)).view(shape).stride()

@@ -16,15 +16,22 @@ import triton
 import triton.language as tl
 
 from . import _alloc
-from ._config import dot_precision, matmul_configs, prune_matmul_configs, upcast_operands
+from ._config import (dot_precision, launch_gemm, matmul_configs, prune_matmul_configs,
+                                      size_bucket, upcast_operands)
 
 
-@triton.autotune(configs=matmul_configs(), key=["M", "N", "K", "PRECISION", "INTERPOLATE"],
+# The autotune key: M and K as power-of-two buckets (one of them is the batch, which changes at a
+# partial last batch: rows of the forward and grad-input, the reduction of grad-weight), N, the
+# number of batched products (models or alphas), and which operands the call site has.
+# M_BUCKET, K_BUCKET and BATCH are plain integers the kernel does not specialise on.
+@triton.autotune(configs=matmul_configs(),
+                 key=["M_BUCKET", "N", "K_BUCKET", "BATCH", "HAS_BMASK", "HAS_BIAS", "HAS_CMASK", "PRECISION",
+                      "INTERPOLATE"],
                  prune_configs_by={"early_config_prune": prune_matmul_configs})
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET", "K_BUCKET", "BATCH"])
 def masked_bmm_kernel(
     a_ptr, b_ptr, bmask_ptr, bias_ptr, cmask_ptr, c_ptr, b2_ptr, bias2_ptr, alpha_ptr,
-    M, N, K,
+    M, N, K, M_BUCKET, K_BUCKET, BATCH,
     stride_ab, stride_am, stride_ak,
     stride_bb, stride_bk, stride_bn,
     stride_bmb, stride_bmk, stride_bmn,
@@ -110,9 +117,10 @@ def masked_bmm(a, b, b_mask=None, bias=None, c_mask=None, *, allow_tf32=False, b
     def grid(meta):
         return triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), batch
 
-    masked_bmm_kernel[grid](
+    launch_gemm(
+        masked_bmm_kernel, grid,
         a, b, bm, bias_t, cm, c, b2 if interpolate else b, bias2 if interpolate and bias is not None else bias_t,
-        alphas if interpolate else dummy, M, N, K,
+        alphas if interpolate else dummy, M, N, K, size_bucket(M), size_bucket(K), batch,
         *_batch_strides(a, batch), *_batch_strides(b, batch), *bm_strides, *bias_strides, *cm_strides,
         *c.stride(),
         HAS_BMASK=b_mask is not None, HAS_BIAS=bias is not None, HAS_CMASK=c_mask is not None,

@@ -179,10 +179,16 @@ class TensorTable:
     consecutive rows is launched on its own through ``block_range``.
     """
 
+    # Address tables kept on the device, by their contents: gradients set to None between steps are
+    # reallocated, usually at the few addresses the caching allocator cycles through, so a step
+    # finds its table here instead of copying a new one from the host.
+    CACHED_TABLES = 4
+
     def __init__(self, rows: list[tuple], device: torch.device):
         if device.type == "cuda" and interpreter_on():
             raise RuntimeError("the fused optimizer kernels cannot run CUDA tensors under TRITON_INTERPRET=1: "
                                "the interpreter cannot follow device addresses; unset it or use FASTMASK_BACKEND=torch")
+        _refuse_capture(device)
         self.block = block_size()
         self.rows = rows
         self.numels = [row[0].numel() for row in rows]
@@ -195,22 +201,40 @@ class TensorTable:
         self.blocks = torch.stack([row_of_block, start_of_block], 1).contiguous().to(device)
         self.device = device
         self.table = None
+        self.tables: dict[tuple, tuple[torch.Tensor, bool]] = {}  # addresses -> (device table, aligned)
         self.refresh()
 
     def refresh(self, grads: list[torch.Tensor] | None = None) -> None:
-        """Rewrite the address table, with new gradient tensors where given (same order as rows)."""
+        """Point the table at the rows' tensors, with new gradient tensors where given (same order as
+        rows): a table cached for these addresses, else a new one copied to the device."""
         if grads is not None:
             self.rows = [(row[0], g, *row[2:]) for row, g in zip(self.rows, grads)]
-        addresses = [[0 if t is None else t.data_ptr() for t in row] + [n] for row, n in zip(self.rows, self.numels)]
-        self.aligned = all(address % 16 == 0 for row in addresses for address in row[:-1])
-        # A new tensor each time: a kernel still queued may be reading the previous one.
-        self.table = torch.tensor(addresses, dtype=torch.int64).to(self.device, non_blocking=True)
+        addresses = tuple(tuple(0 if t is None else t.data_ptr() for t in row) + (n,)
+                          for row, n in zip(self.rows, self.numels))
+        cached = self.tables.pop(addresses, None)
+        if cached is None:
+            _refuse_capture(self.device)
+            # A new tensor, never one rewritten: a kernel still queued may be reading an earlier table.
+            cached = (torch.tensor(addresses, dtype=torch.int64).to(self.device, non_blocking=True),
+                      all(address % 16 == 0 for row in addresses for address in row[:-1]))
+            if len(self.tables) >= self.CACHED_TABLES:
+                del self.tables[next(iter(self.tables))]  # the least recently used
+        self.tables[addresses] = cached
+        self.table, self.aligned = cached
 
     def block_range(self, first_row: int, end_row: int) -> tuple[int, int]:
         """(first block, number of blocks) covering rows [first_row, end_row)."""
         first = self.row_first_block[first_row]
         end = self.row_first_block[end_row] if end_row < len(self.rows) else self.num_blocks
         return first, end - first
+
+
+def _refuse_capture(device: torch.device) -> None:
+    """A table copied from the host inside a CUDA graph capture would be replayed from a host buffer
+    long gone: tables are built and refreshed only by eager steps."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("the fused optimizer's address table cannot be built inside a CUDA graph capture; "
+                           "run its steps outside the graph (as fastmask.train.fit does)")
 
 
 def masked_sgd_step(table: TensorTable, first_row: int, end_row: int, *, lr: float, weight_decay: float,

@@ -53,3 +53,17 @@ def cudnn_candidates(triton_backend, monkeypatch):
 @pytest.fixture
 def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def matmul_tf32():
+    """``matmul_tf32(flag)`` sets ``torch.backends.cuda.matmul.allow_tf32`` for one test; restored
+    after. (Not monkeypatch: the flag lives behind cuBLASModule's ``__setattr__``, and pytest >= 9
+    undoes such a setattr by deleting the attribute, which raises at teardown.)"""
+    previous = torch.backends.cuda.matmul.allow_tf32
+
+    def set_flag(value: bool):
+        torch.backends.cuda.matmul.allow_tf32 = value
+
+    yield set_flag
+    torch.backends.cuda.matmul.allow_tf32 = previous

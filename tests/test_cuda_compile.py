@@ -17,8 +17,8 @@ kernel modules are what they are on a GPU, GPU autotune configs included; the te
 kernel at a time and check its report.
 
 The default run compiles, per GEMM kernel and dtype, the smallest and the largest tile, and every
-optimizer and Hutchinson variant; the ``slow`` test compiles every config of every variant and
-prints the table. ``python tests/test_cuda_compile.py`` prints that table without pytest.
+optimizer and Hutchinson variant; the ``slow`` test compiles every config of every variant (its
+table is shown when one fails). ``python tests/test_cuda_compile.py`` prints that table without pytest.
 """
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def conv_forward_args(dtype, precision, interpolate):
     t = "*" + dtype
     return dict(
         x_ptr=t, w_ptr=t, m_ptr="*i1", bias_ptr=t, y_ptr=t, w_b_ptr=t, bias_b_ptr=t,
-        alpha_ptr="*fp32" if interpolate else t, **c,
+        alpha_ptr="*fp32" if interpolate else t, **c, K_MODELS=K, N_BUCKET=c["N"],
         **dict(zip(("sxk", "sxn", "sxc", "sxh", "sxw"), x_strides)),
         **dict(zip(("swk", "swo", "swc", "swr", "sws"), w_strides)),
         **dict(zip(("smk", "smo", "smc", "smr", "sms"), w_strides)),
@@ -103,7 +103,7 @@ def conv_grad_input_args(dtype, precision):
     t = "*" + dtype
     w_strides = _strides((K, c["O"], c["C"], c["R"], c["S"]))
     return dict(
-        gy_ptr=t, w_ptr=t, m_ptr="*i1", gx_ptr=t, **c,
+        gy_ptr=t, w_ptr=t, m_ptr="*i1", gx_ptr=t, **c, K_MODELS=K, N_BUCKET=c["N"],
         **dict(zip(("sgk", "sgn", "sgo", "sgh", "sgw"), _strides((K, c["N"], c["O"], c["OH"], c["OW"])))),
         **dict(zip(("swk", "swo", "swc", "swr", "sws"), w_strides)),
         **dict(zip(("smk", "smo", "smc", "smr", "sms"), w_strides)),
@@ -119,7 +119,7 @@ def conv_grad_weight_args(dtype, precision):
     split = 14  # what conv_grad_weight picks for this shape on a GPU
     pixels = c["N"] * c["OH"] * c["OW"]
     return dict(
-        gy_ptr=t, x_ptr=t, m_ptr="*i1", gw_ptr="*fp32", **c, K_MODELS=K, SPLIT=split,
+        gy_ptr=t, x_ptr=t, m_ptr="*i1", gw_ptr="*fp32", **c, K_MODELS=K, N_BUCKET=c["N"], SPLIT=split,
         SPLIT_LEN=-(-pixels // split),
         **dict(zip(("sgk", "sgn", "sgo", "sgh", "sgw"), _strides((K, c["N"], c["O"], c["OH"], c["OW"])))),
         **dict(zip(("sxk", "sxn", "sxc", "sxh", "sxw"), _strides((K, c["N"], c["C"], c["H"], c["W"])))),
@@ -140,6 +140,7 @@ def _bmm_args(dtype, precision, M, N, K, a, b, c, bmask=None, bias=None, cmask=N
     return dict(
         a_ptr=t, b_ptr=t, bmask_ptr="*i1" if bmask else t, bias_ptr=t, cmask_ptr="*i1" if cmask else t, c_ptr=t,
         b2_ptr=t, bias2_ptr=t, alpha_ptr="*fp32" if interpolate else t, M=M, N=N, K=K,
+        M_BUCKET=1 << (M - 1).bit_length(), K_BUCKET=1 << (K - 1).bit_length(), BATCH=30 if interpolate else 2,
         **dict(zip(("stride_ab", "stride_am", "stride_ak"), a)),
         **dict(zip(("stride_bb", "stride_bk", "stride_bn"), b)),
         **dict(zip(("stride_bmb", "stride_bmk", "stride_bmn"), bmask or (0, 0, 0))),
@@ -212,11 +213,19 @@ def _config_name(shape) -> str:
     return ",".join(str(v) for v in shape)
 
 
-# The default run: the smallest and the largest tile of each dtype's list, for each default kernel.
+def one_shape(dtype_name: str) -> tuple:
+    """The config FASTMASK_AUTOTUNE=one launches for this dtype (``make gpu-session``'s)."""
+    return _config.ONE_FMA_SHAPE if dtype_name == "fp32-ieee" else _config.ONE_TENSOR_CORE_SHAPE
+
+
+# The default run: the smallest and the largest tile of each dtype's list and the one that
+# FASTMASK_AUTOTUNE=one launches, for each default kernel.
 DEFAULT_GEMM_CASES = [
     pytest.param(name, shape, dtype_name, id=f"{name}-{_config_name(shape)}-{dtype_name}")
     for name in DEFAULT_GEMM_KERNELS for dtype_name in GEMM_DTYPES
-    for shape in (min(gpu_shapes(dtype_name), key=_tile_size), max(gpu_shapes(dtype_name), key=_tile_size))
+    for shape in dict.fromkeys((min(gpu_shapes(dtype_name), key=_tile_size), max(gpu_shapes(dtype_name),
+                                                                                 key=_tile_size),
+                                one_shape(dtype_name)))
 ]
 
 
@@ -491,6 +500,12 @@ def test_gpu_autotuners_keep_the_configs_of_each_dtype(worker):
     assert setup["optimizer_block"] == 2048
 
 
+def test_one_config_of_each_kind_is_a_checked_candidate():
+    """FASTMASK_AUTOTUNE=one launches a config of the lists compiled here, each dtype its own kind's."""
+    for dtype_name in GEMM_DTYPES:
+        assert one_shape(dtype_name) in gpu_shapes(dtype_name), dtype_name
+
+
 def test_specialize_as_the_jit_does():
     """Integers equal to 1 become constants, multiples of 16 carry divisibility, do_not_specialize
     parameters get neither, tensors are aligned; a misspelled argument is refused."""
@@ -518,17 +533,14 @@ def test_elementwise_kernel_compiles_for_sm90(worker, name):
 
 
 @pytest.mark.slow
-def test_every_config_compiles_for_sm90(worker, capsys):
+def test_every_config_compiles_for_sm90(worker):
     requests = [dict(op="gemm", name=name, shape=shape, dtype=dtype_name)
                 for name in GEMM_KERNELS for dtype_name in GEMM_DTYPES for shape in gpu_shapes(dtype_name)]
     requests += [dict(op="elementwise", name=name) for name in ELEMENTWISE_KERNELS]
     reports = [worker.report(**request) for request in requests]
-    with capsys.disabled():
-        print("\n" + TABLE_HEADER)
-        for report in reports:
-            print(report.row())
     problems = [f"{r.kernel} [{r.config}] {r.dtype}: " + "; ".join(r.problems()) for r in reports if r.problems()]
-    assert not problems, "\n".join(problems)
+    # The table is shown only when a kernel fails (`python tests/test_cuda_compile.py` prints it on demand).
+    assert not problems, "\n".join(problems) + "\n\n" + TABLE_HEADER + "\n" + "\n".join(r.row() for r in reports)
 
 
 if __name__ == "__main__":

@@ -283,7 +283,7 @@ def test_models_that_do_not_stack_are_evaluated_one_alpha_at_a_time(digits, rese
     torch.manual_seed(0)
     a, b = network(), network()
     alphas = [0.0, 0.5, 1.0]
-    with pytest.warns(UserWarning, match="one network at a time"):
+    with pytest.warns(lmc.StackFallbackWarning, match="one network at a time"):
         result = lmc.interpolate(a, b, alphas, digits.test, bn_reset_data=reset_set)
     loss, error = eager_curve(a, b, alphas, digits.test, reset_set)
     assert rel_error(torch.tensor(result.loss), torch.tensor(loss)) < 1e-5
@@ -439,10 +439,10 @@ def test_random_directions_centre_is_the_model_and_plot(digits, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_interpolated_kernels_cuda(monkeypatch, dtype):
+def test_interpolated_kernels_cuda(monkeypatch, matmul_tf32, dtype):
     monkeypatch.setenv("FASTMASK_BACKEND", "triton")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    matmul_tf32(False)
     alphas = torch.linspace(0, 1, 7, device="cuda")
     x = torch.randn(16, 33, 19, 21, device="cuda", dtype=dtype)  # sizes that cross tile boundaries
     wa, wb = (torch.randn(65, 33, 3, 3, device="cuda", dtype=dtype) for _ in range(2))
@@ -461,9 +461,9 @@ def test_interpolated_kernels_cuda(monkeypatch, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("reset", [False, True])
-def test_cuda_interpolation_equals_eager_evaluation(monkeypatch, reset):
+def test_cuda_interpolation_equals_eager_evaluation(monkeypatch, matmul_tf32, reset):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    matmul_tf32(False)
     splits = data.load("synthetic", device="cuda", shape=(3, 16, 16), train_size=600, test_size=500)
     a = randomised("resnet10", 0, shape=(3, 16, 16), width=8).cuda()
     b = randomised("resnet10", 1, shape=(3, 16, 16), width=8, mask_seed=0).cuda()

@@ -293,9 +293,9 @@ def test_masked_conv2d_cuda(monkeypatch, precision, case):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
-def test_stacked_masked_linear_cuda(monkeypatch, precision):
+def test_stacked_masked_linear_cuda(monkeypatch, matmul_tf32, precision):
     monkeypatch.setenv("FASTMASK_BACKEND", "triton")
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", precision == "tf32")
+    matmul_tf32(precision == "tf32")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     tol = {"fp32": torch.float32, "tf32": "tf32", "bf16": torch.bfloat16}[precision]
     x = torch.randn(3, 257, 300, device="cuda", dtype=dtype, requires_grad=True)

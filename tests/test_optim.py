@@ -123,7 +123,7 @@ def use_path(path, request, monkeypatch) -> torch.device:
     # reductions out of the gradients, so only the optimizers differ.
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    request.getfixturevalue("matmul_tf32")(False)
     return torch.device("cuda")
 
 

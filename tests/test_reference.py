@@ -328,21 +328,34 @@ def test_table_is_written_between_the_markers_from_the_newest_results(tmp_path):
     results.mkdir()
     row = {"bench": "bench_masked_conv2d[x]", "case": "conv 3->128 32x32 bf16",
            "median_ms": {"prune": 2.0, "fastmask": 0.5}, "baseline": "prune", "speedup_vs_baseline": {"fastmask": 4.0},
-           "roofline_fraction": 0.25}
+           "speedup_range": {"fastmask": [3.5, 4.5]}, "roofline_fraction": 0.25}
     old = {"date": "2026-01-01", "device": "Old GPU", "driver": "1", "torch": "2.0", "triton": "3.0", "rows": []}
     new = {"date": "2026-02-01", "device": "NVIDIA H100 80GB HBM3", "driver": "550.54", "torch": "2.11.0",
            "triton": "3.6.0", "python": "3.12", "rows": [{"bench": "roofline", "hbm_bytes_per_s": 3.0e12,
                                                           "matmul_flops": {"bfloat16": 7.0e14}}, row]}
+    cpu_row = {"bench": "bench_lmc_interpolate[convnet3-digits]", "case": "convnet3 alphas=30 digits", "mode": "full",
+               "median_ms": {"loop": 900.0, "fastmask": 450.0}, "baseline": "loop",
+               "speedup_vs_baseline": {"fastmask": 2.0}, "speedup_range": {"fastmask": [1.8, 2.2]}, "threads": 2}
+    cpu = {"date": "2026-02-02", "kind": "cpu", "device": "Some CPU", "torch": "2.13.0", "threads": 2,
+           "rows": [cpu_row]}
     (results / "2026-01-01-old-gpu.json").write_text(json.dumps(old))
     (results / "2026-02-01-h100.json").write_text(json.dumps(new))
+    (results / "2026-02-02-cpu-some-cpu.json").write_text(json.dumps(cpu))
+    (results / "2026-02-03-smoke.json").write_text(json.dumps({"date": "2026-02-03", "rows": [cpu_row]}))
     readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- bench-table:start -->\nstale\n<!-- bench-table:end -->\noutro\n")
+    readme.write_text("intro\n<!-- bench-table:start -->\nstale\n<!-- bench-table:end -->\nmiddle\n"
+                      "<!-- bench-table-cpu:start -->\nstale cpu\n<!-- bench-table-cpu:end -->\noutro\n")
     assert table.main(["--results", str(results), "--readme", str(readme)]) == 0
     text = readme.read_text()
-    assert text.startswith("intro\n<!-- bench-table:start -->\n") and text.endswith("<!-- bench-table:end -->\noutro\n")
+    assert text.startswith("intro\n<!-- bench-table:start -->\n")
+    assert text.endswith("<!-- bench-table-cpu:end -->\noutro\n")
     assert "stale" not in text and "NVIDIA H100 80GB HBM3" in text and "2.11.0" in text and "Old GPU" not in text
-    line = next(line for line in text.splitlines() if "conv 3->128" in line)
-    assert "0.500" in line and "2.000" in line and "4.00x" in line and "0.25" in line
+    gpu_part, cpu_part = text.split("middle")
+    line = next(line for line in gpu_part.splitlines() if "conv 3->128" in line)
+    assert "0.500" in line and "2.000" in line and "4.00x (3.50-4.50)" in line and "0.25" in line
+    assert "Some CPU" in cpu_part and "2 torch threads" in cpu_part and "Some CPU" not in gpu_part
+    line = next(line for line in cpu_part.splitlines() if "alphas=30" in line)
+    assert "2.00x (1.80-2.20) vs loop" in line and "900.0" in line
 
 
 def test_table_leaves_the_readme_alone_without_results(tmp_path, capsys):
@@ -351,4 +364,4 @@ def test_table_leaves_the_readme_alone_without_results(tmp_path, capsys):
     readme.write_text("<!-- bench-table:start -->\nnothing measured\n<!-- bench-table:end -->\n")
     assert table.main(["--results", str(tmp_path / "none"), "--readme", str(readme)]) == 0
     assert readme.read_text() == "<!-- bench-table:start -->\nnothing measured\n<!-- bench-table:end -->\n"
-    assert "need a GPU" in capsys.readouterr().out
+    assert "no results file" in capsys.readouterr().out

@@ -9,7 +9,7 @@ forming each interpolated masked weight inside the kernel's tile loads. Where ea
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -69,13 +69,30 @@ def _(x, w, m, bias, stride, padding, dilation):
     return stacked_empty((K, x.shape[1], O, OH, OW), x)
 
 
+def _restrided(t: Tensor, strides: Sequence[int], empty: Callable[[], Tensor]) -> Tensor:
+    """``t`` with ``strides``: a view when ``t`` already has that memory order (the strides of
+    size-1 dimensions aside), else a copy into ``empty()``. The op's output strides must not depend
+    on which candidate ran, or code compiled against the fake kernels (torch.compile asserts the
+    strides) fails; a cuDNN result already in that order (one model) is then not copied."""
+    strides = tuple(strides)
+    if t.stride() == strides:
+        return t
+    if all(size == 1 or have == want for size, have, want in zip(t.shape, t.stride(), strides)):
+        return t.as_strided(t.shape, strides)
+    return empty().copy_(t)
+
+
 def _in_kernel_layout(y: Tensor, like: Tensor) -> Tensor:
     """A stacked conv result (or input gradient) in the layout the Triton kernels and the fake
-    kernels give (``stacked_empty``): the op's output strides must not depend on which candidate
-    ran, or code compiled against the fake (torch.compile asserts the strides) fails."""
-    from fastmask.kernels.masked_conv import stacked_empty
+    kernels give (``stacked_empty``), copied only where its memory order differs (see ``_restrided``)."""
+    from fastmask.kernels.masked_conv import stacked_empty, stacked_strides
 
-    return stacked_empty(y.shape, like).copy_(y)
+    return _restrided(y, stacked_strides(y.shape, like), lambda: stacked_empty(y.shape, like))
+
+
+def _in_weight_layout(gw: Tensor, w: Tensor) -> Tensor:
+    """A weight gradient in the layout of the fake kernel's ``torch.empty_like(w)``, copied only where it differs."""
+    return _restrided(gw, torch.empty_like(w, device="meta").stride(), lambda: torch.empty_like(w))
 
 
 def _conv_reference_backward(grad, x, w, m, stride, padding, dilation, need_x: bool, need_w: bool):
@@ -97,7 +114,7 @@ def _conv_reference_backward(grad, x, w, m, stride, padding, dilation, need_x: b
         gx = gx.unsqueeze(0) if shared else gx.reshape(N, K, C, *gx.shape[-2:]).transpose(0, 1)
         gx = gx if symmetric else gx[..., pt:pt + H, pl:pl + W]
     if need_w:
-        gw = gw.reshape(w.shape) * m
+        gw = gw.reshape(w.shape).mul_(m)  # cuDNN's fresh result: masked in place
     return gx, gw
 
 
@@ -129,7 +146,7 @@ def _conv_backward_op(grad: Tensor, x: Tensor, w: Tensor, m: Tensor, stride: Lis
     def torch_grads():
         gx, gw = _conv_reference_backward(grad, x, w, m, stride, padding, dilation, need_x, need_w)
         gx = _in_kernel_layout(gx, x) if need_x else grad.new_empty(0)
-        gw = torch.empty_like(w).copy_(gw) if need_w else grad.new_empty(0)
+        gw = _in_weight_layout(gw, w) if need_w else grad.new_empty(0)
         return gx, gw
 
     key = _key(grad, x, w, m, extra=("conv_bwd", need_x, need_w, *stride, *padding, *dilation, tf32))
@@ -230,9 +247,12 @@ def masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Te
     if input.dim() not in (3, 4):
         raise ValueError(f"input must be [N, C, H, W] or [C, H, W], got shape {tuple(input.shape)}")
     mask = check_mask(mask, weight.shape)
+    # squeeze, not [0]: its backward is a view of the incoming gradient, where select's would be a
+    # zero-filled copy in NCHW order whatever the layout (a channels_last backward would read NCHW).
     y = stacked_masked_conv2d(input.unsqueeze(0) if unbatched else input, weight.unsqueeze(0), mask.unsqueeze(0),
-                              None if bias is None else bias.unsqueeze(0), stride, padding, dilation, groups)[0]
-    return y[0] if unbatched else y
+                              None if bias is None else bias.unsqueeze(0), stride, padding, dilation,
+                              groups).squeeze(0)
+    return y.squeeze(0) if unbatched else y
 
 
 
