@@ -25,16 +25,22 @@ from fastmask.train import TrainConfig
 
 @dataclasses.dataclass
 class DataConfig:
-    name: str = "digits"  # digits | cifar10 | cifar100 | imagefolder | synthetic
-    root: str | None = None  # folder of cifar10 / cifar100 / imagefolder (or $FASTMASK_DATA)
+    name: str = "digits"  # digits | fashion-mnist | mnist | cifar10 | cifar100 | imagefolder | synthetic
+    # Folder of fashion-mnist / mnist / cifar10 / cifar100 / imagefolder (or $FASTMASK_DATA; fashion-mnist
+    # also looks in /usr/share/datasets/fashion-mnist, where Debian's dataset-fashion-mnist puts it).
+    root: str | None = None
     zca: bool = False
-    train_size: int = 1024  # synthetic only
+    # Training examples kept: a stratified subset drawn by the run's seed (None: all), for CPU-sized runs.
+    # synthetic: the number of training images drawn (None: 1024).
+    train_size: int | None = None
     test_size: int = 256  # synthetic only
 
     def __post_init__(self):
         from fastmask.data import DATASETS
 
         _choice("name", self.name, DATASETS)
+        if self.train_size is not None:
+            _positive("train_size", self.train_size)
 
 
 @dataclasses.dataclass

@@ -5,6 +5,10 @@ the device that trains on them; nothing goes through a ``DataLoader`` during tra
 
 - ``digits``: scikit-learn's 8x8 handwritten digits (shipped with scikit-learn, no download),
   1 x 8 x 8, 1437 train / 360 test in a fixed stratified split. The default.
+- ``fashion-mnist`` / ``mnist``: 1 x 28 x 28, 60,000 train / 10,000 test, from the four standard
+  IDX files (gzipped or not) in ``root=``, ``$FASTMASK_DATA`` or, for Fashion-MNIST, the folder
+  Debian's package ``dataset-fashion-mnist`` installs (``/usr/share/datasets/fashion-mnist``).
+  Magic numbers, dimensions and counts are checked.
 - ``cifar10`` / ``cifar100``: the standard python-format batch files (``cifar-10-batches-py`` /
   ``cifar-100-python``) from a local folder, ``root=`` or ``$FASTMASK_DATA``. The files are
   pickles; they are read with a restricted unpickler that builds only dicts, lists, bytes, ints
@@ -13,9 +17,10 @@ the device that trains on them; nothing goes through a ``DataLoader`` during tra
   torchvision (optional), resized and centre-cropped to ``size`` (ImageNet-10 style subsets).
 - ``synthetic``: uniform random images of any shape and class count, for benchmarks and tests.
 
-``load`` (or ``from_tensors`` for tensors a user brings) normalises per channel with the
-training split's statistics, optionally ZCA-whitens (fitted on the training split, as MTT does),
-and optionally holds out a stratified validation split. Every random choice takes ``seed``.
+``load`` (or ``from_tensors`` for tensors a user brings) optionally holds out a stratified
+validation split and keeps a stratified subset of the training split (``train_size``, for
+CPU-sized runs), normalises per channel with the training split's statistics, and optionally
+ZCA-whitens (fitted on the training split, as MTT does). Every random choice takes ``seed``.
 
 ``Loader`` draws mini-batches for a stack of K models: model k shuffles and augments (random
 crop with zero padding, horizontal flip) from ``seeds[k]`` alone, so each model of a stack sees
@@ -34,9 +39,11 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import math
 import os
 import pickle
+import zlib
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -44,7 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
+DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 DATA_ROOT_ENV = "FASTMASK_DATA"
 ZCA_EPS = 0.1  # MTT's regularisation of the covariance eigenvalues
 
@@ -245,6 +252,7 @@ def load(
     *,
     device: str | torch.device = "cpu",
     val_fraction: float = 0.0,
+    train_size: int | None = None,
     zca: bool = False,
     zca_eps: float = ZCA_EPS,
     seed: int = 0,
@@ -252,16 +260,20 @@ def load(
 ) -> DataSplits:
     """Load dataset ``name`` onto ``device``, normalised with its training statistics.
 
-    ``root`` (or ``$FASTMASK_DATA``) is the local folder of ``cifar10`` / ``cifar100`` /
-    ``imagefolder``; ``digits`` and ``synthetic`` ignore it. ``options`` are per dataset:
-    ``imagefolder``: ``size`` (default 32); ``synthetic``: ``shape`` (default (3, 32, 32)),
-    ``num_classes`` (10), ``train_size`` (1024), ``test_size`` (256).
+    ``root`` (or ``$FASTMASK_DATA``) is the local folder of ``fashion-mnist`` / ``mnist`` /
+    ``cifar10`` / ``cifar100`` / ``imagefolder`` (``fashion-mnist`` also looks in Debian's
+    ``/usr/share/datasets/fashion-mnist`` when ``root`` is not given); ``digits`` and
+    ``synthetic`` ignore it. ``options`` are per dataset: ``imagefolder``: ``size`` (default 32);
+    ``synthetic``: ``shape`` (default (3, 32, 32)), ``num_classes`` (10), ``test_size`` (256).
     ``val_fraction`` of each training class is held out as ``val`` (stratified, by ``seed``).
+    ``train_size`` keeps that many training examples (see ``from_tensors``); for ``synthetic`` it
+    is the number of training images drawn (default 1024).
 
     Example::
 
         splits = load("cifar10", root="~/data", device="cuda", zca=True)
         splits.train.images.shape       # (50000, 3, 32, 32)
+        small = load("fashion-mnist", train_size=6000, seed=1)    # 600 per class, from the Debian package
     """
     if name not in _SOURCES:
         raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
@@ -271,7 +283,9 @@ def load(
         raise TypeError(f"load({name!r}) got unknown option(s) {unknown}; it accepts {sorted(accepted)}")
     if name == "synthetic":
         options["seed"] = seed
-    if name in ("cifar10", "cifar100", "imagefolder"):
+        if train_size is not None:
+            options["train_size"], train_size = train_size, None  # drawn at that size: nothing to subset
+    if name not in ("digits", "synthetic"):
         options["root"] = root
     raw = read(**options)
     return from_tensors(
@@ -284,6 +298,7 @@ def load(
         classes=raw.classes,
         device=device,
         val_fraction=val_fraction,
+        train_size=train_size,
         zca=zca,
         zca_eps=zca_eps,
         seed=seed,
@@ -301,16 +316,18 @@ def from_tensors(
     classes: Sequence[str] | None = None,
     device: str | torch.device = "cpu",
     val_fraction: float = 0.0,
+    train_size: int | None = None,
     zca: bool = False,
     zca_eps: float = ZCA_EPS,
     seed: int = 0,
 ) -> DataSplits:
     """Splits from raw tensors a user brings: images ``[N, C, H, W]`` floats (e.g. in [0, 1]), labels ``[N]``.
 
-    Holds out ``val_fraction`` of every class of train (rounded per class, by ``seed``),
-    normalises per channel with the remaining training images' mean and std, then, with
-    ``zca``, whitens with a ZCA fitted on the normalised training images. ``num_classes``
-    defaults to the largest label + 1.
+    Holds out ``val_fraction`` of every class of train (rounded per class, by ``seed``); then,
+    with ``train_size``, keeps that many of the remaining training examples, drawn by ``seed``
+    and stratified (each class keeps its share, rounded so the total is exact); normalises per
+    channel with the kept training images' mean and std, then, with ``zca``, whitens with a ZCA
+    fitted on the normalised training images. ``num_classes`` defaults to the largest label + 1.
 
     Example::
 
@@ -333,6 +350,8 @@ def from_tensors(
         )
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    if train_size is not None and (not isinstance(train_size, int) or isinstance(train_size, bool) or train_size < 1):
+        raise ValueError(f"train_size must be a positive int or None, got {train_size!r}")
     _check_seed(seed, "seed")
     if num_classes is None:
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
@@ -346,12 +365,21 @@ def from_tensors(
 
     val_images = val_labels = None
     if val_fraction > 0:
-        train_index, val_index = _stratified_split(train_labels.cpu(), val_fraction, seed)
+        held_out = torch.floor(torch.bincount(train_labels.cpu()).double() * val_fraction + 0.5)
+        train_index, val_index = _stratified_split(train_labels.cpu(), held_out, seed)
         if len(val_index) == 0:
             raise ValueError(f"val_fraction={val_fraction} holds out no example of any class; raise it")
         train_index, val_index = train_index.to(device), val_index.to(device)
         val_images, val_labels = train_images[val_index], train_labels[val_index]
         train_images, train_labels = train_images[train_index], train_labels[train_index]
+    if train_size is not None:
+        available = len(train_labels)
+        if train_size > available:
+            after = " left after the validation split" if val_fraction > 0 else ""
+            raise ValueError(f"train_size={train_size} exceeds the {available} training examples{after}")
+        _, keep = _stratified_split(train_labels.cpu(), _shares(torch.bincount(train_labels.cpu()), train_size), seed)
+        keep = keep.to(device)
+        train_images, train_labels = train_images[keep], train_labels[keep]
     if len(train_images) == 0:
         raise ValueError("train_images: no training images left to compute the normalisation statistics")
 
@@ -362,7 +390,7 @@ def from_tensors(
     std = torch.where(std > 0, std, torch.ones_like(std))
 
     def standardise(images):
-        return (images - mean[:, None, None]) / std[:, None, None]
+        return torch.sub(images, mean[:, None, None]).div_(std[:, None, None])
 
     train_images, test_images = standardise(train_images), standardise(test_images)
     val_images = None if val_images is None else standardise(val_images)
@@ -379,8 +407,8 @@ def from_tensors(
     return DataSplits(make(train_images, train_labels), make(test_images, test_labels), val)
 
 
-def _stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, val) index tensors (ascending): round(fraction * count) random examples of each class to val."""
+def _stratified_split(labels: torch.Tensor, take: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rest, taken) index tensors (ascending): ``take[c]`` random examples of each class c are taken."""
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(labels), generator=generator)
     # Group by class, random within a class: a stable sort of a random permutation by label.
@@ -388,9 +416,17 @@ def _stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple
     counts = torch.bincount(labels)
     starts = torch.cumsum(counts, 0) - counts
     rank_in_class = torch.arange(len(labels)) - starts[labels[order]]
-    take = torch.floor(counts.double() * fraction + 0.5).long()
-    to_val = rank_in_class < take[labels[order]]
-    return order[~to_val].sort().values, order[to_val].sort().values
+    taken = rank_in_class < take.long()[labels[order]]
+    return order[~taken].sort().values, order[taken].sort().values
+
+
+def _shares(counts: torch.Tensor, total: int) -> torch.Tensor:
+    """``total`` split over classes in proportion to ``counts`` (largest remainders: the sum is exact)."""
+    exact = counts.double() * total / counts.sum()
+    shares = exact.floor().long()
+    by_remainder = torch.argsort(exact - shares, descending=True, stable=True)
+    shares[by_remainder[: total - int(shares.sum())]] += 1
+    return shares
 
 
 # ----------------------------------------------------------------------------------------------
@@ -479,7 +515,9 @@ CIFAR_PIXELS = 3 * 32 * 32
 def _cifar(name: str, root=None) -> _Raw:
     spec = _CIFAR[name]
     files = spec["train"] + spec["test"]
-    folder = _find_folder(_data_root(root, name), spec["folder"], files, name, spec["archive"])
+    how = f"extract {spec['archive']} from https://www.cs.toronto.edu/~kriz/cifar.html"
+    found = _find_files([_data_root(root, name)], (spec["folder"],), files, name, "the python-format batch files", how)
+    folder = found[files[0]].parent
 
     def read(file_names):
         images, labels = [], []
@@ -535,8 +573,67 @@ def _imagefolder(root=None, size=32) -> _Raw:
     return _Raw(train_images, train_labels, test_images, test_labels, len(train.classes), tuple(train.classes))
 
 
+IDX_FILES = {  # split: (images, labels), each file named so or with .gz
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IDX_COUNTS = {"train": 60000, "test": 10000}  # the same for MNIST and Fashion-MNIST
+IDX_SIDE = 28
+FASHION_MNIST_SYSTEM_FOLDER = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+_IDX = {
+    "mnist": dict(
+        folders=("mnist", "MNIST/raw"),  # root/mnist, or torchvision's download folder
+        classes=tuple(str(digit) for digit in range(10)),
+        system_folder=None,
+        how="the four files of http://yann.lecun.com/exdb/mnist/",
+    ),
+    "fashion-mnist": dict(
+        folders=("fashion-mnist", "FashionMNIST/raw"),
+        classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                 "Ankle boot"),
+        system_folder=FASHION_MNIST_SYSTEM_FOLDER,
+        how=f"apt-get install dataset-fashion-mnist puts them in {FASHION_MNIST_SYSTEM_FOLDER}; or pass root= "
+        "(or set $FASTMASK_DATA) to a folder holding those of https://github.com/zalandoresearch/fashion-mnist",
+    ),
+}
+
+
+def _idx_dataset(name: str, root=None) -> _Raw:
+    spec = _IDX[name]
+    system_folder = spec["system_folder"]
+    roots = []
+    if root is not None or os.environ.get(DATA_ROOT_ENV) or system_folder is None:
+        roots.append(_data_root(root, name))  # raises when there is no folder to look in
+    if root is None and system_folder is not None:  # a folder named by the caller is the only place looked in
+        roots.append(system_folder)
+    files = [file for pair in IDX_FILES.values() for file in pair]
+    found = _find_files(roots, spec["folders"], files, name, "the IDX files", spec["how"], suffixes=("", ".gz"))
+
+    def read(split):
+        images_file, labels_file = (found[f] for f in IDX_FILES[split])
+        count, side = IDX_COUNTS[split], IDX_SIDE
+        images, labels = read_idx(images_file), read_idx(labels_file)
+        if images.shape != (count, side, side):
+            raise ValueError(f"{images_file}: expected {count} images of {side} x {side} ({split} split of {name}), "
+                             f"got dimensions {' x '.join(map(str, images.shape))}")
+        if labels.shape != (count,):
+            raise ValueError(f"{labels_file}: expected {count} labels ({split} split of {name}), got dimensions "
+                             f"{' x '.join(map(str, labels.shape))}")
+        if labels.max() >= len(spec["classes"]):
+            raise ValueError(f"{labels_file}: labels must lie in [0, {len(spec['classes'])}), got up to {labels.max()}")
+        # One conversion of the whole array (a copy: the file's bytes are read-only), no loop over images.
+        pixels = torch.from_numpy(images.reshape(count, 1, side, side).astype(np.float32)).div_(255.0)
+        return pixels, torch.from_numpy(labels.astype(np.int64))
+
+    train_images, train_labels = read("train")
+    test_images, test_labels = read("test")
+    return _Raw(train_images, train_labels, test_images, test_labels, len(spec["classes"]), spec["classes"])
+
+
 _SOURCES = {
     "digits": (_digits, ()),
+    "fashion-mnist": (lambda root: _idx_dataset("fashion-mnist", root), ()),
+    "mnist": (lambda root: _idx_dataset("mnist", root), ()),
     "cifar10": (lambda root: _cifar("cifar10", root), ()),
     "cifar100": (lambda root: _cifar("cifar100", root), ()),
     "imagefolder": (_imagefolder, ("size",)),
@@ -552,23 +649,83 @@ def _data_root(root, name: str) -> Path:
     return Path(root).expanduser()
 
 
-def _find_folder(root: Path, folder_name: str, files: list[str], name: str, archive: str) -> Path:
-    """``root`` itself or ``root/folder_name``, whichever holds all ``files``."""
-    candidates = (root, root / folder_name)
-    for candidate in candidates:
-        if all((candidate / f).is_file() for f in files):
-            return candidate
-    if not root.is_dir():
-        found = f"{root} does not exist or is not a folder"
-    else:
-        inner = root / folder_name
-        where = inner if inner.is_dir() else root
-        missing = [f for f in files if not (where / f).is_file()]
-        found = f"{where} lacks {', '.join(missing)}"
+def _find_files(roots: list[Path], subfolders: Sequence[str], files: list[str], name: str, what: str, how: str,
+                suffixes: Sequence[str] = ("",)) -> dict[str, Path]:
+    """The path of each of ``files`` (named so, or with one of ``suffixes``) in the first folder that
+    holds them all, trying each root itself, then its ``subfolders``; else a FileNotFoundError that
+    says, for each root, what is missing where."""
+
+    def locate(folder: Path, file: str) -> Path | None:
+        return next((folder / (file + s) for s in suffixes if (folder / (file + s)).is_file()), None)
+
+    for root in roots:
+        for folder in (root, *(root / sub for sub in subfolders)):
+            paths = {file: locate(folder, file) for file in files}
+            if all(paths.values()):
+                return paths
+    places, reasons = [], []
+    for root in roots:
+        places.append(" or in ".join(str(folder) for folder in (root, *(root / sub for sub in subfolders))))
+        if not root.is_dir():
+            reasons.append(f"{root} does not exist or is not a folder")
+            continue
+        where = next((root / sub for sub in subfolders if (root / sub).is_dir()), root)
+        missing = [file for file in files if locate(where, file) is None]
+        reasons.append(f"{where} lacks {', '.join(missing)}")
+    spelled = ", ".join(file + ("[.gz]" if ".gz" in suffixes else "") for file in files)
     raise FileNotFoundError(
-        f"{name}: expected the python-format batch files {', '.join(files)} in {root} or in "
-        f"{root / folder_name} (extract {archive} from https://www.cs.toronto.edu/~kriz/cifar.html); {found}"
+        f"{name}: expected {what} {spelled} in {', or '.join(places)} ({how}); {'; '.join(reasons)}"
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# The IDX reader (MNIST, Fashion-MNIST)
+# ----------------------------------------------------------------------------------------------
+
+IDX_UNSIGNED_BYTE = 0x08  # the element type code of the MNIST-style files, the only one read
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read one IDX file of unsigned bytes (gunzipped first when its name ends in ``.gz``).
+
+    The format: a big-endian magic number ``0x000008NN`` (type code 0x08: unsigned bytes; NN the
+    number of dimensions), NN big-endian uint32 sizes, then the bytes in row-major order. Returns a
+    read-only uint8 array of those sizes (a view of the file's bytes, no copy). Raises
+    ``ValueError`` naming the file when it is not such a file: a wrong magic number, a header
+    or data shorter than it says (truncated), or bytes after the data.
+
+    Example::
+
+        images = read_idx("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")  # (10000, 28, 28)
+    """
+    path = Path(path)
+    if path.name.endswith(".gz"):
+        try:
+            payload = gzip.decompress(path.read_bytes())
+        except (gzip.BadGzipFile, EOFError, zlib.error) as exc:  # EOFError: a truncated archive
+            raise ValueError(f"{path}: not a readable gzip file ({type(exc).__name__}: {exc})") from exc
+    else:
+        payload = path.read_bytes()
+    if len(payload) < 4:
+        raise ValueError(f"{path}: truncated: {len(payload)} bytes, shorter than an IDX magic number")
+    magic = int.from_bytes(payload[:4], "big")
+    dims = payload[3]
+    if payload[:2] != b"\0\0" or payload[2] != IDX_UNSIGNED_BYTE or dims == 0:
+        raise ValueError(f"{path}: not an IDX file of unsigned bytes: magic number 0x{magic:08X}, expected "
+                         f"0x0000{IDX_UNSIGNED_BYTE:02X}NN, NN the number of dimensions (0x00000803 for images, "
+                         "0x00000801 for labels)")
+    header = 4 + 4 * dims
+    if len(payload) < header:
+        raise ValueError(f"{path}: truncated: the header of {dims} dimensions needs {header} bytes, the file has "
+                         f"{len(payload)}")
+    shape = tuple(int.from_bytes(payload[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
+    size = math.prod(shape)
+    stored = len(payload) - header
+    if stored != size:
+        state = "truncated" if stored < size else "malformed"
+        raise ValueError(f"{path}: {state}: dimensions {' x '.join(map(str, shape))} need {size} bytes of data, "
+                         f"the file holds {stored}")
+    return np.frombuffer(payload, np.uint8, count=size, offset=header).reshape(shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -863,7 +1020,9 @@ def _check_images(images, what: str):
 
 
 def _check_finite(images: torch.Tensor, what: str):
-    if not torch.isfinite(images).all():
+    # A NaN or Inf makes the sum NaN or Inf: one reduction, no [N, C, H, W] mask, for every image of a
+    # large dataset. Only a sum that overflows goes on to the element-wise check.
+    if not torch.isfinite(images.sum()) and not torch.isfinite(images).all():
         raise ValueError(f"{what} holds NaN or Inf")
 
 

@@ -58,10 +58,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_data(cfg: PipelineConfig, device: torch.device) -> data_module.DataSplits:
-    options = {}
-    if cfg.data.name == "synthetic":
-        options = {"train_size": cfg.data.train_size, "test_size": cfg.data.test_size}
-    return data_module.load(cfg.data.name, cfg.data.root, device=device, zca=cfg.data.zca, seed=cfg.seed, **options)
+    options = {"test_size": cfg.data.test_size} if cfg.data.name == "synthetic" else {}
+    return data_module.load(cfg.data.name, cfg.data.root, device=device, train_size=cfg.data.train_size,
+                            zca=cfg.data.zca, seed=cfg.seed, **options)
 
 
 def build_model(cfg: PipelineConfig, splits) -> torch.nn.Module:
