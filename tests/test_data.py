@@ -1,4 +1,5 @@
-"""fastmask.data: the datasets, the restricted CIFAR reader, ZCA, device-side augmentation, K-model batches."""
+"""fastmask.data and fastmask.sources: the datasets, the IDX and restricted CIFAR readers, ZCA, device-side
+augmentation, K-model batches."""
 import gzip
 import os
 import pickle
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastmask import data
+from fastmask import data, sources
 
 # ----------------------------------------------------------------------------------------------
 # A fake CIFAR folder written in the real format
@@ -114,7 +115,7 @@ def test_cifar_reads_real_format(tmp_path, name, protocol):
 def test_cifar_pixel_layout(tmp_path):
     """A row is 1024 red, 1024 green, 1024 blue values, each a 32 x 32 image in row-major order."""
     folder, _, _ = write_fake_cifar(tmp_path)
-    images, labels = data._cifar_batch(folder / "data_batch_1", "labels", 10)
+    images, labels = sources._cifar_batch(folder / "data_batch_1", "labels", 10)
     row = images[0]
     splits = data.load("cifar10", root=folder)
     raw = splits.train.denormalize(splits.train.images[:1])[0] * 255
@@ -169,11 +170,11 @@ def test_cifar_reader_refuses_other_numpy_globals(tmp_path):
     path = tmp_path / "crafted"
     path.write_bytes(b"\x80\x02cnumpy\nload\nq\x00U\x04/etcq\x01\x85q\x02Rq\x03.")
     with pytest.raises(pickle.UnpicklingError, match="numpy.load"):
-        data.read_cifar_pickle(path)
+        sources.read_cifar_pickle(path)
     # _codecs.encode is accepted for latin-1 only (protocol-2 bytes), nothing else.
     path.write_bytes(b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x04\x00\x00\x00zlib\x86R.")
     with pytest.raises(pickle.UnpicklingError, match="latin1"):
-        data.read_cifar_pickle(path)
+        sources.read_cifar_pickle(path)
 
 
 def test_cifar_malformed_files(tmp_path):
@@ -250,9 +251,9 @@ def write_fake_idx(folder, gz=True, counts=SMALL_COUNTS, seed=0):
 def small_idx(monkeypatch):
     """Tiny IDX datasets pass the count check; nothing is found outside the test's folders."""
     for split, count in SMALL_COUNTS.items():
-        monkeypatch.setitem(data.IDX_COUNTS, split, count)
+        monkeypatch.setitem(sources.IDX_COUNTS, split, count)
     monkeypatch.delenv("FASTMASK_DATA", raising=False)
-    monkeypatch.setitem(data._IDX["fashion-mnist"], "system_folder", Path("/nonexistent/fashion-mnist"))
+    monkeypatch.setitem(sources._IDX["fashion-mnist"], "system_folder", Path("/nonexistent/fashion-mnist"))
 
 
 @pytest.mark.parametrize("gz", [True, False])
@@ -297,7 +298,7 @@ def test_idx_folders(tmp_path, small_idx, monkeypatch):
     # Fashion-MNIST's Debian folder when neither root nor $FASTMASK_DATA holds it, never when root is given.
     debian = tmp_path / "usr-share-datasets-fashion-mnist"
     arrays = write_fake_idx(debian, seed=2)
-    monkeypatch.setitem(data._IDX["fashion-mnist"], "system_folder", debian)
+    monkeypatch.setitem(sources._IDX["fashion-mnist"], "system_folder", debian)
     splits = data.load("fashion-mnist")  # $FASTMASK_DATA (tmp_path/tv) has no Fashion-MNIST
     assert torch.equal(splits.train.labels, torch.from_numpy(arrays["train"][1].astype(np.int64)))
     monkeypatch.delenv("FASTMASK_DATA")
@@ -323,7 +324,7 @@ def test_read_idx_checks_the_format(tmp_path):
     images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     for gz in (True, False):
         path = write_idx(tmp_path / f"ok{gz}", images, gz)
-        read = data.read_idx(path)
+        read = sources.read_idx(path)
         assert read.shape == (2, 3, 4) and read.dtype == np.uint8 and np.array_equal(read, images)
     good = idx_bytes(images)
     cases = {
@@ -345,17 +346,17 @@ def test_read_idx_checks_the_format(tmp_path):
             path = tmp_path / ("bad.gz" if gz else "bad")
             path.write_bytes(gzip.compress(payload) if gz else payload)
             with pytest.raises(ValueError, match=re.escape(messages[case])) as info:
-                data.read_idx(path)
+                sources.read_idx(path)
             assert str(path) in str(info.value), case
     # A gzip stream cut short, and a file that is not gzip at all.
     cut = tmp_path / "cut.gz"
     cut.write_bytes(gzip.compress(good)[:-12])
     with pytest.raises(ValueError, match="cut.gz: not a readable gzip file"):
-        data.read_idx(cut)
+        sources.read_idx(cut)
     plain = tmp_path / "plain.gz"
     plain.write_bytes(good)
     with pytest.raises(ValueError, match="plain.gz: not a readable gzip file"):
-        data.read_idx(plain)
+        sources.read_idx(plain)
 
 
 def test_idx_dataset_checks_dimensions_and_counts(tmp_path, small_idx, monkeypatch):
@@ -383,16 +384,16 @@ def test_idx_dataset_checks_dimensions_and_counts(tmp_path, small_idx, monkeypat
     (folder / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(5, np.uint8))[:-2])
     fails_with("truncated", "t10k-labels-idx1-ubyte")
     # The real counts: a tiny file is refused once the counts are the published ones.
-    monkeypatch.setitem(data.IDX_COUNTS, "train", 60000)
+    monkeypatch.setitem(sources.IDX_COUNTS, "train", 60000)
     write_fake_idx(folder, gz=False)
     fails_with("expected 60000 images of 28 x 28", "train-images-idx3-ubyte")
 
 
-FASHION_FILES = [data.FASHION_MNIST_SYSTEM_FOLDER / f"{name}.gz" for pair in IDX_NAMES.values() for name in pair]
+FASHION_FILES = [sources.FASHION_MNIST_SYSTEM_FOLDER / f"{name}.gz" for pair in IDX_NAMES.values() for name in pair]
 
 
 @pytest.mark.skipif(not all(path.is_file() for path in FASHION_FILES),
-                    reason=f"Fashion-MNIST is not installed in {data.FASHION_MNIST_SYSTEM_FOLDER} "
+                    reason=f"Fashion-MNIST is not installed in {sources.FASHION_MNIST_SYSTEM_FOLDER} "
                            "(apt-get install dataset-fashion-mnist; .ci/run does so where apt-get is there)")
 def test_fashion_mnist_from_the_debian_package(monkeypatch):
     monkeypatch.delenv("FASTMASK_DATA", raising=False)
