@@ -164,7 +164,7 @@ def run(config_file=None, out=None, preset=None, overrides=(), force: bool = Fal
 
 def _distill_model_options(cfg: PipelineConfig) -> dict:
     width = cfg.distill.width or (cfg.model.width if cfg.model.name.startswith("convnet") else None)
-    return {"width": width} if width else {}
+    return {name: value for name, value in (("width", width), ("depth", cfg.distill.depth)) if value}
 
 
 def stage_distill(run: Run) -> dict:
