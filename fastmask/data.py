@@ -3,19 +3,13 @@
 Every dataset is a pair of float32 images ``[N, C, H, W]`` and int64 labels ``[N]`` that live on
 the device that trains on them; nothing goes through a ``DataLoader`` during training.
 
-- ``digits``: scikit-learn's 8x8 handwritten digits (shipped with scikit-learn, no download),
-  1 x 8 x 8, 1437 train / 360 test in a fixed stratified split. The default.
-- ``cifar10`` / ``cifar100``: the standard python-format batch files (``cifar-10-batches-py`` /
-  ``cifar-100-python``) from a local folder, ``root=`` or ``$FASTMASK_DATA``. The files are
-  pickles; they are read with a restricted unpickler that builds only dicts, lists, bytes, ints
-  and numpy arrays, so a crafted file cannot run code.
-- ``imagefolder``: ``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``test/``) through
-  torchvision (optional), resized and centre-cropped to ``size`` (ImageNet-10 style subsets).
-- ``synthetic``: uniform random images of any shape and class count, for benchmarks and tests.
+The datasets (``DATASETS``: ``digits``, ``fashion-mnist``, ``mnist``, ``cifar10``, ``cifar100``,
+``imagefolder``, ``synthetic``) and the files they are read from: see ``fastmask.sources``.
 
-``load`` (or ``from_tensors`` for tensors a user brings) normalises per channel with the
-training split's statistics, optionally ZCA-whitens (fitted on the training split, as MTT does),
-and optionally holds out a stratified validation split. Every random choice takes ``seed``.
+``load`` (or ``from_tensors`` for tensors a user brings) optionally holds out a stratified
+validation split and keeps a stratified subset of the training split (``train_size``, for
+CPU-sized runs), normalises per channel with the training split's statistics, and optionally
+ZCA-whitens (fitted on the training split, as MTT does). Every random choice takes ``seed``.
 
 ``Loader`` draws mini-batches for a stack of K models: model k shuffles and augments (random
 crop with zero padding, horizontal flip) from ``seeds[k]`` alone, so each model of a stack sees
@@ -36,16 +30,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import pickle
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
-DATA_ROOT_ENV = "FASTMASK_DATA"
+from fastmask.sources import DATASETS, SOURCES, describe
+
 ZCA_EPS = 0.1  # MTT's regularisation of the covariance eigenvalues
 
 
@@ -149,7 +141,7 @@ class Dataset:
     def __post_init__(self, validate: bool):
         _check_images(self.images, "images")
         if not isinstance(self.labels, torch.Tensor) or self.labels.dtype != torch.int64 or self.labels.dim() != 1:
-            raise TypeError(f"labels must be an int64 tensor [N], got {_describe(self.labels)}")
+            raise TypeError(f"labels must be an int64 tensor [N], got {describe(self.labels)}")
         if self.labels.shape[0] != self.images.shape[0]:
             raise ValueError(f"labels has {self.labels.shape[0]} entries but images has {self.images.shape[0]}")
         if not isinstance(self.num_classes, int) or self.num_classes < 1:
@@ -157,7 +149,7 @@ class Dataset:
         channels = self.images.shape[1]
         for what, stat in (("mean", self.mean), ("std", self.std)):
             if not isinstance(stat, torch.Tensor) or stat.shape != (channels,):
-                raise ValueError(f"{what} must be a tensor [C] = [{channels}], got {_describe(stat)}")
+                raise ValueError(f"{what} must be a tensor [C] = [{channels}], got {describe(stat)}")
         tensors = {"labels": self.labels, "mean": self.mean, "std": self.std}
         if self.zca is not None:
             tensors["zca"] = self.zca.mean
@@ -245,6 +237,7 @@ def load(
     *,
     device: str | torch.device = "cpu",
     val_fraction: float = 0.0,
+    train_size: int | None = None,
     zca: bool = False,
     zca_eps: float = ZCA_EPS,
     seed: int = 0,
@@ -252,26 +245,32 @@ def load(
 ) -> DataSplits:
     """Load dataset ``name`` onto ``device``, normalised with its training statistics.
 
-    ``root`` (or ``$FASTMASK_DATA``) is the local folder of ``cifar10`` / ``cifar100`` /
-    ``imagefolder``; ``digits`` and ``synthetic`` ignore it. ``options`` are per dataset:
-    ``imagefolder``: ``size`` (default 32); ``synthetic``: ``shape`` (default (3, 32, 32)),
-    ``num_classes`` (10), ``train_size`` (1024), ``test_size`` (256).
+    ``root`` (or ``$FASTMASK_DATA``) is the local folder of ``fashion-mnist`` / ``mnist`` /
+    ``cifar10`` / ``cifar100`` / ``imagefolder`` (``fashion-mnist`` also looks in Debian's
+    ``/usr/share/datasets/fashion-mnist`` when ``root`` is not given); ``digits`` and
+    ``synthetic`` ignore it. ``options`` are per dataset: ``imagefolder``: ``size`` (default 32);
+    ``synthetic``: ``shape`` (default (3, 32, 32)), ``num_classes`` (10), ``test_size`` (256).
     ``val_fraction`` of each training class is held out as ``val`` (stratified, by ``seed``).
+    ``train_size`` keeps that many training examples (see ``from_tensors``); for ``synthetic`` it
+    is the number of training images drawn (default 1024).
 
     Example::
 
         splits = load("cifar10", root="~/data", device="cuda", zca=True)
         splits.train.images.shape       # (50000, 3, 32, 32)
+        small = load("fashion-mnist", train_size=6000, seed=1)    # 600 per class, from the Debian package
     """
-    if name not in _SOURCES:
+    if name not in SOURCES:
         raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
-    read, accepted = _SOURCES[name]
+    read, accepted = SOURCES[name]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise TypeError(f"load({name!r}) got unknown option(s) {unknown}; it accepts {sorted(accepted)}")
     if name == "synthetic":
         options["seed"] = seed
-    if name in ("cifar10", "cifar100", "imagefolder"):
+        if train_size is not None:
+            options["train_size"], train_size = train_size, None  # drawn at that size: nothing to subset
+    if name not in ("digits", "synthetic"):
         options["root"] = root
     raw = read(**options)
     return from_tensors(
@@ -284,6 +283,7 @@ def load(
         classes=raw.classes,
         device=device,
         val_fraction=val_fraction,
+        train_size=train_size,
         zca=zca,
         zca_eps=zca_eps,
         seed=seed,
@@ -301,16 +301,18 @@ def from_tensors(
     classes: Sequence[str] | None = None,
     device: str | torch.device = "cpu",
     val_fraction: float = 0.0,
+    train_size: int | None = None,
     zca: bool = False,
     zca_eps: float = ZCA_EPS,
     seed: int = 0,
 ) -> DataSplits:
     """Splits from raw tensors a user brings: images ``[N, C, H, W]`` floats (e.g. in [0, 1]), labels ``[N]``.
 
-    Holds out ``val_fraction`` of every class of train (rounded per class, by ``seed``),
-    normalises per channel with the remaining training images' mean and std, then, with
-    ``zca``, whitens with a ZCA fitted on the normalised training images. ``num_classes``
-    defaults to the largest label + 1.
+    Holds out ``val_fraction`` of every class of train (rounded per class, by ``seed``); then,
+    with ``train_size``, keeps that many of the remaining training examples, drawn by ``seed``
+    and stratified (each class keeps its share, rounded so the total is exact); normalises per
+    channel with the kept training images' mean and std, then, with ``zca``, whitens with a ZCA
+    fitted on the normalised training images. ``num_classes`` defaults to the largest label + 1.
 
     Example::
 
@@ -321,7 +323,7 @@ def from_tensors(
         _check_finite(images, what)
     for what, labels, images in (("train_labels", train_labels, train_images), ("test_labels", test_labels, test_images)):
         if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dim() != 1:
-            raise TypeError(f"{what} must be an integer tensor [N], got {_describe(labels)}")
+            raise TypeError(f"{what} must be an integer tensor [N], got {describe(labels)}")
         if labels.shape[0] != images.shape[0]:
             raise ValueError(f"{what} has {labels.shape[0]} entries but its images have {images.shape[0]}")
         if labels.shape[0] == 0:
@@ -333,6 +335,8 @@ def from_tensors(
         )
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    if train_size is not None and (not isinstance(train_size, int) or isinstance(train_size, bool) or train_size < 1):
+        raise ValueError(f"train_size must be a positive int or None, got {train_size!r}")
     _check_seed(seed, "seed")
     if num_classes is None:
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
@@ -346,12 +350,21 @@ def from_tensors(
 
     val_images = val_labels = None
     if val_fraction > 0:
-        train_index, val_index = _stratified_split(train_labels.cpu(), val_fraction, seed)
+        held_out = torch.floor(torch.bincount(train_labels.cpu()).double() * val_fraction + 0.5)
+        train_index, val_index = _stratified_split(train_labels.cpu(), held_out, seed)
         if len(val_index) == 0:
             raise ValueError(f"val_fraction={val_fraction} holds out no example of any class; raise it")
         train_index, val_index = train_index.to(device), val_index.to(device)
         val_images, val_labels = train_images[val_index], train_labels[val_index]
         train_images, train_labels = train_images[train_index], train_labels[train_index]
+    if train_size is not None:
+        available = len(train_labels)
+        if train_size > available:
+            after = " left after the validation split" if val_fraction > 0 else ""
+            raise ValueError(f"train_size={train_size} exceeds the {available} training examples{after}")
+        _, keep = _stratified_split(train_labels.cpu(), _shares(torch.bincount(train_labels.cpu()), train_size), seed)
+        keep = keep.to(device)
+        train_images, train_labels = train_images[keep], train_labels[keep]
     if len(train_images) == 0:
         raise ValueError("train_images: no training images left to compute the normalisation statistics")
 
@@ -362,7 +375,7 @@ def from_tensors(
     std = torch.where(std > 0, std, torch.ones_like(std))
 
     def standardise(images):
-        return (images - mean[:, None, None]) / std[:, None, None]
+        return torch.sub(images, mean[:, None, None]).div_(std[:, None, None])
 
     train_images, test_images = standardise(train_images), standardise(test_images)
     val_images = None if val_images is None else standardise(val_images)
@@ -379,8 +392,8 @@ def from_tensors(
     return DataSplits(make(train_images, train_labels), make(test_images, test_labels), val)
 
 
-def _stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, val) index tensors (ascending): round(fraction * count) random examples of each class to val."""
+def _stratified_split(labels: torch.Tensor, take: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rest, taken) index tensors (ascending): ``take[c]`` random examples of each class c are taken."""
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(labels), generator=generator)
     # Group by class, random within a class: a stable sort of a random permutation by label.
@@ -388,299 +401,17 @@ def _stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple
     counts = torch.bincount(labels)
     starts = torch.cumsum(counts, 0) - counts
     rank_in_class = torch.arange(len(labels)) - starts[labels[order]]
-    take = torch.floor(counts.double() * fraction + 0.5).long()
-    to_val = rank_in_class < take[labels[order]]
-    return order[~to_val].sort().values, order[to_val].sort().values
+    taken = rank_in_class < take.long()[labels[order]]
+    return order[~taken].sort().values, order[taken].sort().values
 
 
-# ----------------------------------------------------------------------------------------------
-# Sources: raw images in [0, 1] and labels
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _Raw:
-    train_images: torch.Tensor
-    train_labels: torch.Tensor
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
-    num_classes: int
-    classes: tuple[str, ...] | None = None
-
-
-DIGITS_TEST_SIZE = 360
-
-
-def _digits() -> _Raw:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images = torch.from_numpy(digits.data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
-    labels = torch.from_numpy(digits.target.astype(np.int64))
-    # Fixed, independent of the run's seed, so every run is scored on the same 360 test images.
-    train_index, test_index = train_test_split(
-        np.arange(len(labels)), test_size=DIGITS_TEST_SIZE, stratify=digits.target, random_state=0
-    )
-    train_index, test_index = torch.from_numpy(np.sort(train_index)), torch.from_numpy(np.sort(test_index))
-    return _Raw(
-        images[train_index], labels[train_index], images[test_index], labels[test_index], 10,
-        tuple(str(name) for name in digits.target_names),
-    )
-
-
-def _synthetic(shape=(3, 32, 32), num_classes=10, train_size=1024, test_size=256, seed=0) -> _Raw:
-    shape = tuple(shape)
-    if len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
-        raise ValueError(f"shape must be (C, H, W) of positive ints, got {shape}")
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    for what, size in (("train_size", train_size), ("test_size", test_size)):
-        if not isinstance(size, int) or size < 1:
-            raise ValueError(f"{what} must be a positive int, got {size!r}")
-    generator = torch.Generator().manual_seed(seed)
-
-    def draw(n):
-        images = torch.rand((n, *shape), generator=generator)
-        # Balanced classes (every class present once n >= num_classes), in random order.
-        labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=generator)]
-        return images, labels
-
-    train_images, train_labels = draw(train_size)
-    test_images, test_labels = draw(test_size)
-    return _Raw(train_images, train_labels, test_images, test_labels, num_classes)
-
-
-_CIFAR = {
-    "cifar10": dict(
-        folder="cifar-10-batches-py",
-        train=[f"data_batch_{i}" for i in range(1, 6)],
-        test=["test_batch"],
-        meta="batches.meta",
-        label_key="labels",
-        names_key="label_names",
-        num_classes=10,
-        archive="cifar-10-python.tar.gz",
-    ),
-    "cifar100": dict(
-        folder="cifar-100-python",
-        train=["train"],
-        test=["test"],
-        meta="meta",
-        label_key="fine_labels",
-        names_key="fine_label_names",
-        num_classes=100,
-        archive="cifar-100-python.tar.gz",
-    ),
-}
-CIFAR_PIXELS = 3 * 32 * 32
-
-
-def _cifar(name: str, root=None) -> _Raw:
-    spec = _CIFAR[name]
-    files = spec["train"] + spec["test"]
-    folder = _find_folder(_data_root(root, name), spec["folder"], files, name, spec["archive"])
-
-    def read(file_names):
-        images, labels = [], []
-        for file_name in file_names:
-            x, y = _cifar_batch(folder / file_name, spec["label_key"], spec["num_classes"])
-            images.append(x)
-            labels.append(y)
-        images = torch.from_numpy(np.concatenate(images)).reshape(-1, 3, 32, 32)
-        return images.float().div_(255.0), torch.from_numpy(np.concatenate(labels))
-
-    train_images, train_labels = read(spec["train"])
-    test_images, test_labels = read(spec["test"])
-    classes = None
-    if (folder / spec["meta"]).is_file():
-        classes = _cifar_names(folder / spec["meta"], spec["names_key"], spec["num_classes"])
-    return _Raw(train_images, train_labels, test_images, test_labels, spec["num_classes"], classes)
-
-
-def _imagefolder(root=None, size=32) -> _Raw:
-    if not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be a positive int, got {size!r}")
-    from torch.utils.data import DataLoader
-
-    try:
-        from torchvision import datasets, transforms
-    except ImportError as exc:
-        raise ImportError(
-            "the imagefolder dataset reads images through torchvision: pip install 'fastmask[vision]'"
-        ) from exc
-    base = _data_root(root, "imagefolder")
-    train_dir = base / "train"
-    test_dir = next((base / sub for sub in ("val", "test") if (base / sub).is_dir()), None)
-    if not train_dir.is_dir() or test_dir is None:
-        raise FileNotFoundError(
-            f"imagefolder: expected {base}/train/<class>/<images> and {base}/val/<class>/<images> "
-            f"(or test/ instead of val/); found {'no ' if not train_dir.is_dir() else ''}train/ and "
-            f"{'no val/ or test/' if test_dir is None else test_dir.name + '/'}"
-        )
-    transform = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor()])
-    train = datasets.ImageFolder(str(train_dir), transform=transform)
-    test = datasets.ImageFolder(str(test_dir), transform=transform)
-    if train.class_to_idx != test.class_to_idx:
-        raise ValueError(f"imagefolder: {train_dir} and {test_dir} hold different class folders")
-
-    def stack(folder):
-        # Decoding and resizing full-size images is the slow part: worker processes share it.
-        batches = DataLoader(folder, batch_size=256, num_workers=min(8, os.cpu_count() or 1))
-        images, labels = zip(*batches)
-        return torch.cat(images), torch.cat(labels).long()
-
-    train_images, train_labels = stack(train)
-    test_images, test_labels = stack(test)
-    return _Raw(train_images, train_labels, test_images, test_labels, len(train.classes), tuple(train.classes))
-
-
-_SOURCES = {
-    "digits": (_digits, ()),
-    "cifar10": (lambda root: _cifar("cifar10", root), ()),
-    "cifar100": (lambda root: _cifar("cifar100", root), ()),
-    "imagefolder": (_imagefolder, ("size",)),
-    "synthetic": (_synthetic, ("shape", "num_classes", "train_size", "test_size")),
-}
-
-
-def _data_root(root, name: str) -> Path:
-    if root is None:
-        root = os.environ.get(DATA_ROOT_ENV) or None
-    if root is None:
-        raise FileNotFoundError(f"{name} is read from a local folder: pass root=... or set ${DATA_ROOT_ENV}")
-    return Path(root).expanduser()
-
-
-def _find_folder(root: Path, folder_name: str, files: list[str], name: str, archive: str) -> Path:
-    """``root`` itself or ``root/folder_name``, whichever holds all ``files``."""
-    candidates = (root, root / folder_name)
-    for candidate in candidates:
-        if all((candidate / f).is_file() for f in files):
-            return candidate
-    if not root.is_dir():
-        found = f"{root} does not exist or is not a folder"
-    else:
-        inner = root / folder_name
-        where = inner if inner.is_dir() else root
-        missing = [f for f in files if not (where / f).is_file()]
-        found = f"{where} lacks {', '.join(missing)}"
-    raise FileNotFoundError(
-        f"{name}: expected the python-format batch files {', '.join(files)} in {root} or in "
-        f"{root / folder_name} (extract {archive} from https://www.cs.toronto.edu/~kriz/cifar.html); {found}"
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# The restricted CIFAR reader
-# ----------------------------------------------------------------------------------------------
-
-
-class _RefusedGlobal(pickle.UnpicklingError):
-    pass
-
-
-def _latin1_encode(text, encoding):
-    """``_codecs.encode`` as protocol-2 pickles from Python 3 use it for bytes; latin-1 text only."""
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise _RefusedGlobal(
-            f"_codecs.encode is only accepted on str with 'latin1', got {type(text).__name__}, {encoding!r}"
-        )
-    return text.encode("latin1")
-
-
-def _numpy_globals() -> dict:
-    """The callables a pickled uint8 numpy array needs, under every module path numpy has used."""
-    probe = np.zeros(1, dtype=np.uint8)
-    reconstruct = probe.__reduce__()[0]  # protocols 0-4
-    frombuffer = probe.__reduce_ex__(5)[0]  # protocol 5
-    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1_encode}
-    for package in ("numpy.core", "numpy._core"):  # numpy 1.x (the CIFAR files) and numpy 2.x
-        allowed[(f"{package}.multiarray", "_reconstruct")] = reconstruct
-        allowed[(f"{package}.numeric", "_frombuffer")] = frombuffer
-    return allowed
-
-
-_ALLOWED_GLOBALS = _numpy_globals()
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles dicts, lists, tuples, bytes, str, numbers and numpy arrays; refuses every other global.
-
-    Code runs from a pickle only through the globals it names (REDUCE, BUILD, INST, OBJ, NEWOBJ
-    all start from one), so answering ``find_class`` from a closed table of numpy's array
-    constructors stops a crafted file from calling anything else.
-    """
-
-    def __init__(self, file, path):
-        # encoding="bytes": the CIFAR files are Python 2 pickles whose str values are raw bytes.
-        super().__init__(file, encoding="bytes")
-        self._path = path
-
-    def find_class(self, module, name):
-        try:
-            return _ALLOWED_GLOBALS[(module, name)]
-        except KeyError:
-            raise _RefusedGlobal(
-                f"{self._path}: refused to load the global {module}.{name}: a CIFAR batch file holds only "
-                f"dicts, lists, bytes and numpy arrays (a crafted pickle calls functions this way)"
-            ) from None
-
-    def persistent_load(self, pid):
-        raise _RefusedGlobal(f"{self._path}: refused a persistent id: CIFAR batch files have none")
-
-
-def read_cifar_pickle(path: str | os.PathLike) -> dict:
-    """Read one python-format CIFAR file (a batch or the meta file) with the restricted unpickler.
-
-    Returns its dict with str keys. Raises ``pickle.UnpicklingError`` naming the file and the
-    global when the file asks for anything but numpy arrays, and ``ValueError`` when it is not a
-    readable pickle of a dict.
-    """
-    path = Path(path)
-    try:
-        with open(path, "rb") as file:
-            payload = _RestrictedUnpickler(file, path).load()
-    except _RefusedGlobal:
-        raise
-    except Exception as exc:  # a truncated or corrupt file fails in many ways; all mean "malformed"
-        raise ValueError(f"{path}: not a readable python-format CIFAR file ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(payload, dict):
-        raise ValueError(f"{path}: expected a pickled dict, got {type(payload).__name__}")
-    try:
-        return {key.decode("ascii") if isinstance(key, bytes) else key: value for key, value in payload.items()}
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: a key is not ASCII ({exc})") from exc
-
-
-def _cifar_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    payload = read_cifar_pickle(path)
-    for key in ("data", label_key):
-        if key not in payload:
-            raise ValueError(f"{path}: no {key!r} entry (found {sorted(map(str, payload))})")
-    data = payload["data"]
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != CIFAR_PIXELS:
-        raise ValueError(f"{path}: 'data' must be a uint8 array [N, {CIFAR_PIXELS}], got {_describe(data)}")
-    labels = payload[label_key]
-    if isinstance(labels, np.ndarray):
-        integral = labels.ndim == 1 and labels.dtype.kind in "iu"
-    else:
-        integral = isinstance(labels, list) and all(type(label) is int for label in labels)
-    if not integral:
-        raise ValueError(f"{path}: {label_key!r} must be a list of ints, got {_describe(labels)}")
-    labels = np.asarray(labels, dtype=np.int64)
-    if len(labels) != len(data):
-        raise ValueError(f"{path}: {len(labels)} labels for {len(data)} images")
-    if len(labels) and not (labels.min() >= 0 and labels.max() < num_classes):
-        raise ValueError(f"{path}: labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
-    return data, labels
-
-
-def _cifar_names(path: Path, key: str, num_classes: int) -> tuple[str, ...]:
-    names = read_cifar_pickle(path).get(key)
-    if not isinstance(names, list) or len(names) != num_classes or not all(isinstance(n, (bytes, str)) for n in names):
-        raise ValueError(f"{path}: {key!r} must be a list of {num_classes} names")
-    return tuple(n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names)
+def _shares(counts: torch.Tensor, total: int) -> torch.Tensor:
+    """``total`` split over classes in proportion to ``counts`` (largest remainders: the sum is exact)."""
+    exact = counts.double() * total / counts.sum()
+    shares = exact.floor().long()
+    by_remainder = torch.argsort(exact - shares, descending=True, stable=True)
+    shares[by_remainder[: total - int(shares.sum())]] += 1
+    return shares
 
 
 # ----------------------------------------------------------------------------------------------
@@ -851,19 +582,15 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def _describe(x) -> str:
-    if isinstance(x, (torch.Tensor, np.ndarray)):
-        return f"{type(x).__name__} of dtype {x.dtype} and shape {tuple(x.shape)}"
-    return type(x).__name__
-
-
 def _check_images(images, what: str):
     if not isinstance(images, torch.Tensor) or not images.dtype.is_floating_point or images.dim() != 4:
-        raise TypeError(f"{what} must be a floating tensor [N, C, H, W], got {_describe(images)}")
+        raise TypeError(f"{what} must be a floating tensor [N, C, H, W], got {describe(images)}")
 
 
 def _check_finite(images: torch.Tensor, what: str):
-    if not torch.isfinite(images).all():
+    # A NaN or Inf makes the sum NaN or Inf: one reduction, no [N, C, H, W] mask, for every image of a
+    # large dataset. Only a sum that overflows goes on to the element-wise check.
+    if not torch.isfinite(images.sum()) and not torch.isfinite(images).all():
         raise ValueError(f"{what} holds NaN or Inf")
 
 

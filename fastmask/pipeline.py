@@ -67,10 +67,9 @@ def device_name(device: torch.device) -> str:
 
 
 def load_data(cfg: PipelineConfig, device: torch.device) -> data_module.DataSplits:
-    options = {}
-    if cfg.data.name == "synthetic":
-        options = {"train_size": cfg.data.train_size, "test_size": cfg.data.test_size}
-    return data_module.load(cfg.data.name, cfg.data.root, device=device, zca=cfg.data.zca, seed=cfg.seed, **options)
+    options = {"test_size": cfg.data.test_size} if cfg.data.name == "synthetic" else {}
+    return data_module.load(cfg.data.name, cfg.data.root, device=device, train_size=cfg.data.train_size,
+                            zca=cfg.data.zca, seed=cfg.seed, **options)
 
 
 def _claim_folder(folder: Path, cfg: PipelineConfig, force: bool):

@@ -1,14 +1,18 @@
-"""fastmask.data: the datasets, the restricted CIFAR reader, ZCA, device-side augmentation, K-model batches."""
+"""fastmask.data and fastmask.sources: the datasets, the IDX and restricted CIFAR readers, ZCA, device-side
+augmentation, K-model batches."""
+import gzip
 import os
 import pickle
+import re
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fastmask import data
+from fastmask import data, sources
 
 # ----------------------------------------------------------------------------------------------
 # A fake CIFAR folder written in the real format
@@ -111,7 +115,7 @@ def test_cifar_reads_real_format(tmp_path, name, protocol):
 def test_cifar_pixel_layout(tmp_path):
     """A row is 1024 red, 1024 green, 1024 blue values, each a 32 x 32 image in row-major order."""
     folder, _, _ = write_fake_cifar(tmp_path)
-    images, labels = data._cifar_batch(folder / "data_batch_1", "labels", 10)
+    images, labels = sources._cifar_batch(folder / "data_batch_1", "labels", 10)
     row = images[0]
     splits = data.load("cifar10", root=folder)
     raw = splits.train.denormalize(splits.train.images[:1])[0] * 255
@@ -166,11 +170,11 @@ def test_cifar_reader_refuses_other_numpy_globals(tmp_path):
     path = tmp_path / "crafted"
     path.write_bytes(b"\x80\x02cnumpy\nload\nq\x00U\x04/etcq\x01\x85q\x02Rq\x03.")
     with pytest.raises(pickle.UnpicklingError, match="numpy.load"):
-        data.read_cifar_pickle(path)
+        sources.read_cifar_pickle(path)
     # _codecs.encode is accepted for latin-1 only (protocol-2 bytes), nothing else.
     path.write_bytes(b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x04\x00\x00\x00zlib\x86R.")
     with pytest.raises(pickle.UnpicklingError, match="latin1"):
-        data.read_cifar_pickle(path)
+        sources.read_cifar_pickle(path)
 
 
 def test_cifar_malformed_files(tmp_path):
@@ -204,6 +208,204 @@ def test_cifar_missing_folder(tmp_path, monkeypatch):
     monkeypatch.delenv("FASTMASK_DATA", raising=False)
     with pytest.raises(FileNotFoundError, match="FASTMASK_DATA"):
         data.load("cifar100")
+
+
+# ----------------------------------------------------------------------------------------------
+# Fashion-MNIST and MNIST: IDX files written in the real format
+# ----------------------------------------------------------------------------------------------
+
+IDX_NAMES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+SMALL_COUNTS = {"train": 12, "test": 5}
+
+
+def idx_bytes(array, type_code=0x08):
+    """The IDX encoding of a uint8 array, written from the format's description (big-endian header)."""
+    header = struct.pack(">BBBB", 0, 0, type_code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def write_idx(path, array, gz, type_code=0x08):
+    payload = idx_bytes(array, type_code)
+    path = path.with_name(path.name + ".gz") if gz else path
+    path.write_bytes(gzip.compress(payload) if gz else payload)
+    return path
+
+
+def write_fake_idx(folder, gz=True, counts=SMALL_COUNTS, seed=0):
+    """The four files of a tiny MNIST-style dataset; returns {split: (images [N, 28, 28] uint8, labels [N])}."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for split, (images_name, labels_name) in IDX_NAMES.items():
+        images = rng.integers(0, 256, size=(counts[split], 28, 28), dtype=np.uint8)
+        labels = (np.arange(counts[split]) % 10).astype(np.uint8)
+        rng.shuffle(labels)
+        write_idx(folder / images_name, images, gz)
+        write_idx(folder / labels_name, labels, gz)
+        arrays[split] = (images, labels)
+    return arrays
+
+
+@pytest.fixture
+def small_idx(monkeypatch):
+    """Tiny IDX datasets pass the count check; nothing is found outside the test's folders."""
+    for split, count in SMALL_COUNTS.items():
+        monkeypatch.setitem(sources.IDX_COUNTS, split, count)
+    monkeypatch.delenv("FASTMASK_DATA", raising=False)
+    monkeypatch.setitem(sources._IDX["fashion-mnist"], "system_folder", Path("/nonexistent/fashion-mnist"))
+
+
+@pytest.mark.parametrize("gz", [True, False])
+@pytest.mark.parametrize("name", ["fashion-mnist", "mnist"])
+def test_idx_reads_real_format(tmp_path, small_idx, name, gz):
+    arrays = write_fake_idx(tmp_path, gz=gz)
+    splits = data.load(name, root=tmp_path)
+    for split, dataset in (("train", splits.train), ("test", splits.test)):
+        images, labels = arrays[split]
+        assert dataset.images.shape == (len(images), 1, 28, 28) and dataset.images.dtype == torch.float32
+        expected = torch.from_numpy(images.astype(np.float64) / 255).reshape(-1, 1, 28, 28)
+        torch.testing.assert_close(dataset.denormalize(dataset.images).double(), expected, rtol=0, atol=1e-5)
+        assert torch.equal(dataset.labels, torch.from_numpy(labels.astype(np.int64)))
+    assert splits.train.num_classes == 10
+    names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    assert list(splits.train.classes) == (names if name == "fashion-mnist" else [str(d) for d in range(10)])
+
+
+def test_idx_pixel_layout(tmp_path, small_idx):
+    """Byte 16 + 784 i + 28 r + c of the images file is pixel (r, c) of image i."""
+    write_fake_idx(tmp_path, gz=False)
+    raw = (tmp_path / "train-images-idx3-ubyte").read_bytes()
+    splits = data.load("mnist", root=tmp_path)
+    pixels = splits.train.denormalize(splits.train.images) * 255
+    for i, r, c in ((0, 0, 0), (3, 5, 27), (11, 27, 1)):
+        assert round(pixels[i, 0, r, c].item()) == raw[16 + 784 * i + 28 * r + c]
+
+
+def test_idx_folders(tmp_path, small_idx, monkeypatch):
+    # Mixed: some files gzipped, some not; in root/fashion-mnist.
+    arrays = write_fake_idx(tmp_path / "fashion-mnist", gz=True)
+    for name in IDX_NAMES["test"]:
+        path = tmp_path / "fashion-mnist" / (name + ".gz")
+        (tmp_path / "fashion-mnist" / name).write_bytes(gzip.decompress(path.read_bytes()))
+        path.unlink()
+    splits = data.load("fashion-mnist", root=tmp_path)
+    assert torch.equal(splits.test.labels, torch.from_numpy(arrays["test"][1].astype(np.int64)))
+    # torchvision's download folder; $FASTMASK_DATA.
+    write_fake_idx(tmp_path / "tv" / "MNIST" / "raw", gz=False, seed=1)
+    monkeypatch.setenv("FASTMASK_DATA", str(tmp_path / "tv"))
+    assert len(data.load("mnist").train) == SMALL_COUNTS["train"]
+    # Fashion-MNIST's Debian folder when neither root nor $FASTMASK_DATA holds it, never when root is given.
+    debian = tmp_path / "usr-share-datasets-fashion-mnist"
+    arrays = write_fake_idx(debian, seed=2)
+    monkeypatch.setitem(sources._IDX["fashion-mnist"], "system_folder", debian)
+    splits = data.load("fashion-mnist")  # $FASTMASK_DATA (tmp_path/tv) has no Fashion-MNIST
+    assert torch.equal(splits.train.labels, torch.from_numpy(arrays["train"][1].astype(np.int64)))
+    monkeypatch.delenv("FASTMASK_DATA")
+    assert len(data.load("fashion-mnist").test) == SMALL_COUNTS["test"]
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        data.load("fashion-mnist", root=tmp_path / "tv")
+    with pytest.raises(FileNotFoundError, match="FASTMASK_DATA"):
+        data.load("mnist")  # MNIST has no system folder
+
+
+def test_idx_missing_files(tmp_path, small_idx):
+    with pytest.raises(FileNotFoundError, match="does not exist") as info:
+        data.load("mnist", root=tmp_path / "nowhere")
+    message = str(info.value)
+    assert all(f"{name}[.gz]" in message for pair in IDX_NAMES.values() for name in pair)
+    write_fake_idx(tmp_path / "mnist")
+    (tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"mnist lacks t10k-labels-idx1-ubyte$"):
+        data.load("mnist", root=tmp_path)
+
+
+def test_read_idx_checks_the_format(tmp_path):
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    for gz in (True, False):
+        path = write_idx(tmp_path / f"ok{gz}", images, gz)
+        read = sources.read_idx(path)
+        assert read.shape == (2, 3, 4) and read.dtype == np.uint8 and np.array_equal(read, images)
+    good = idx_bytes(images)
+    cases = {
+        "int32 type code": idx_bytes(images, type_code=0x0C),
+        "little-endian magic": bytes([3, 8, 0, 0]) + good[4:],
+        "zero dimensions": bytes([0, 0, 8, 0]),
+        "short magic": good[:3],
+        "short header": good[:10],
+        "truncated data": good[:-1],
+        "bytes after the data": good + b"\x00",
+    }
+    messages = {"int32 type code": "magic number 0x00000C03", "little-endian magic": "magic number 0x03080000",
+                "zero dimensions": "magic number 0x00000800", "short magic": "truncated: 3 bytes",
+                "short header": "truncated: the header of 3 dimensions needs 16 bytes",
+                "truncated data": "truncated: dimensions 2 x 3 x 4 need 24 bytes of data, the file holds 23",
+                "bytes after the data": "malformed: dimensions 2 x 3 x 4 need 24 bytes of data, the file holds 25"}
+    for case, payload in cases.items():
+        for gz in (True, False):
+            path = tmp_path / ("bad.gz" if gz else "bad")
+            path.write_bytes(gzip.compress(payload) if gz else payload)
+            with pytest.raises(ValueError, match=re.escape(messages[case])) as info:
+                sources.read_idx(path)
+            assert str(path) in str(info.value), case
+    # A gzip stream cut short, and a file that is not gzip at all.
+    cut = tmp_path / "cut.gz"
+    cut.write_bytes(gzip.compress(good)[:-12])
+    with pytest.raises(ValueError, match="cut.gz: not a readable gzip file"):
+        sources.read_idx(cut)
+    plain = tmp_path / "plain.gz"
+    plain.write_bytes(good)
+    with pytest.raises(ValueError, match="plain.gz: not a readable gzip file"):
+        sources.read_idx(plain)
+
+
+def test_idx_dataset_checks_dimensions_and_counts(tmp_path, small_idx, monkeypatch):
+    folder = tmp_path / "data"
+
+    def fails_with(message, file):
+        with pytest.raises(ValueError, match=message) as info:
+            data.load("fashion-mnist", root=folder)
+        assert str(folder / file) in str(info.value)
+
+    rng = np.random.default_rng(0)
+    write_fake_idx(folder, gz=False)
+    write_idx(folder / "train-images-idx3-ubyte", rng.integers(0, 256, (12, 27, 28), dtype=np.uint8), gz=False)
+    fails_with("expected 12 images of 28 x 28 .*got dimensions 12 x 27 x 28", "train-images-idx3-ubyte")
+    write_fake_idx(folder, gz=False)
+    write_idx(folder / "t10k-images-idx3-ubyte", rng.integers(0, 256, (4, 28, 28), dtype=np.uint8), gz=False)
+    fails_with("expected 5 images of 28 x 28 .*got dimensions 4 x 28 x 28", "t10k-images-idx3-ubyte")
+    write_fake_idx(folder, gz=False)
+    write_idx(folder / "train-labels-idx1-ubyte", np.zeros(11, np.uint8), gz=False)
+    fails_with("expected 12 labels .*got dimensions 11", "train-labels-idx1-ubyte")
+    write_fake_idx(folder, gz=False)
+    write_idx(folder / "t10k-labels-idx1-ubyte", np.full(5, 10, np.uint8), gz=False)
+    fails_with(r"labels must lie in \[0, 10\), got up to 10", "t10k-labels-idx1-ubyte")
+    write_fake_idx(folder, gz=False)
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(5, np.uint8))[:-2])
+    fails_with("truncated", "t10k-labels-idx1-ubyte")
+    # The real counts: a tiny file is refused once the counts are the published ones.
+    monkeypatch.setitem(sources.IDX_COUNTS, "train", 60000)
+    write_fake_idx(folder, gz=False)
+    fails_with("expected 60000 images of 28 x 28", "train-images-idx3-ubyte")
+
+
+FASHION_FILES = [sources.FASHION_MNIST_SYSTEM_FOLDER / f"{name}.gz" for pair in IDX_NAMES.values() for name in pair]
+
+
+@pytest.mark.skipif(not all(path.is_file() for path in FASHION_FILES),
+                    reason=f"Fashion-MNIST is not installed in {sources.FASHION_MNIST_SYSTEM_FOLDER} "
+                           "(apt-get install dataset-fashion-mnist; .ci/run does so where apt-get is there)")
+def test_fashion_mnist_from_the_debian_package(monkeypatch):
+    monkeypatch.delenv("FASTMASK_DATA", raising=False)
+    splits = data.load("fashion-mnist")
+    assert splits.train.images.shape == (60000, 1, 28, 28) and splits.test.images.shape == (10000, 1, 28, 28)
+    assert torch.bincount(splits.train.labels).tolist() == [6000] * 10
+    assert torch.bincount(splits.test.labels).tolist() == [1000] * 10
+    assert splits.train.classes[0] == "T-shirt/top" and splits.train.classes[9] == "Ankle boot"
+    # The published pixel statistics of the training set (in [0, 1]): mean 0.2860, std 0.3530.
+    assert abs(splits.train.mean.item() - 0.2860) < 1e-4 and abs(splits.train.std.item() - 0.3530) < 1e-4
+    raw = splits.test.denormalize(splits.test.images[:100])
+    assert raw.min() > -1e-5 and raw.max() < 1 + 1e-5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,6 +480,55 @@ def test_validation_split(digits):
     assert not torch.equal(other.val.labels, splits.val.labels) or not torch.equal(other.val.images, splits.val.images)
 
 
+def test_train_size_keeps_a_stratified_seeded_subset(digits):
+    counts = torch.bincount(digits.train.labels, minlength=10)
+    for size in (10, 333, 1000, 1437):
+        splits = data.load("digits", train_size=size, seed=3)
+        kept = torch.bincount(splits.train.labels, minlength=10)
+        assert kept.sum() == size
+        # Each class keeps its share, rounded (down or up) so that the total is exact.
+        share = counts.double() * size / counts.sum()
+        assert ((kept >= share.floor()) & (kept <= share.ceil())).all(), (size, kept, share)
+        # A subset of the training set; the test set untouched; the statistics those of the subset.
+        raw = splits.train.denormalize(splits.train.images)
+        full = digits.train.denormalize(digits.train.images)
+        assert set(map(bytes, (raw * 16).round().byte().flatten(1).numpy())) <= set(
+            map(bytes, (full * 16).round().byte().flatten(1).numpy()))
+        torch.testing.assert_close(splits.train.mean.double(), raw.double().mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+        assert torch.equal(splits.test.denormalize(splits.test.images).mul(16).round(),
+                           digits.test.denormalize(digits.test.images).mul(16).round())
+    same = data.load("digits", train_size=333, seed=3)
+    other = data.load("digits", train_size=333, seed=4)
+    assert torch.equal(same.train.images, data.load("digits", train_size=333, seed=3).train.images)
+    assert not torch.equal(other.train.images, same.train.images)
+    # With a validation split: the validation set is the one without train_size, train_size counts what is left.
+    with_val = data.load("digits", val_fraction=0.2, train_size=500, seed=3)
+    without = data.load("digits", val_fraction=0.2, seed=3)
+    assert len(with_val.train) == 500 and torch.equal(with_val.val.labels, without.val.labels)
+    with pytest.raises(ValueError, match="train_size=1200 exceeds the 1150 training examples left after"):
+        data.load("digits", val_fraction=0.2, train_size=1200)
+    with pytest.raises(ValueError, match="train_size=1438 exceeds the 1437 training examples$"):
+        data.load("digits", train_size=1438)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="train_size must be a positive int"):
+            data.load("digits", train_size=bad)
+
+
+def test_train_size_in_the_pipeline_config():
+    from fastmask.config import load_config
+    from fastmask.pipeline import load_data
+
+    cfg = load_config(overrides=["data.train_size=200", "seed=2"])
+    splits = load_data(cfg, torch.device("cpu"))
+    assert len(splits.train) == 200 and torch.equal(splits.train.labels, data.load("digits", train_size=200,
+                                                                                    seed=2).train.labels)
+    assert load_config().data.train_size is None
+    assert len(load_data(load_config(preset="synthetic-convnet3", overrides=["data.train_size=64"]),
+                         torch.device("cpu")).train) == 64
+    with pytest.raises(ValueError, match="train_size must be >= 1"):
+        load_config(overrides=["data.train_size=0"])
+
+
 def test_synthetic():
     splits = data.load("synthetic", shape=(2, 5, 7), num_classes=3, train_size=11, test_size=4, seed=1)
     assert splits.train.images.shape == (11, 2, 5, 7) and splits.test.images.shape == (4, 2, 5, 7)
@@ -292,8 +543,8 @@ def test_synthetic():
 
 
 def test_load_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="'mnist'"):
-        data.load("mnist")
+    with pytest.raises(ValueError, match="'emnist'"):
+        data.load("emnist")
     with pytest.raises(TypeError, match="colour"):
         data.load("synthetic", colour=True)
     with pytest.raises(ValueError, match="val_fraction"):
@@ -312,6 +563,13 @@ def test_nan_and_bad_labels_rejected():
     bad[2, 0, 1, 1] = float("inf")
     with pytest.raises(ValueError, match="test_images holds NaN or Inf"):
         data.from_tensors(x, y, bad, y)
+    bad[2, 0, 1, 1] = float("-inf")
+    bad[3, 0, 1, 1] = float("inf")  # the two infinities sum to NaN
+    with pytest.raises(ValueError, match="train_images holds NaN or Inf"):
+        data.from_tensors(bad, y, x, y)
+    huge = torch.full((6, 1, 3, 3), 3e38)  # finite, but their sum overflows to Inf
+    assert not torch.isfinite(huge.sum())
+    data.from_tensors(huge, y, huge, y)
     splits = data.from_tensors(x, y, x, y)
     with pytest.raises(ValueError, match="images holds NaN"):
         data.Dataset(bad, y, 2, "t", splits.train.mean, splits.train.std)

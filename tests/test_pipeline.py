@@ -154,3 +154,15 @@ def test_device_name_of_a_cuda_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: asked.append(device) or "NVIDIA H100 80GB HBM3")
     assert pipeline.device_name(torch.device("cuda", 0)) == "NVIDIA H100 80GB HBM3"
     assert asked == [torch.device("cuda", 0)]
+
+
+def test_distillation_network_options():
+    """distill.width / distill.depth reach the random networks; unset, the model's width and ConvNet-3."""
+    from fastmask.config import load_config
+    from fastmask.stages import distill as distill_stage
+
+    assert distill_stage._distill_model_options(load_config()) == {"width": 32, "depth": 2}  # the digits preset
+    cfg = load_config(overrides=["model.width=16", "distill.width=null", "distill.depth=null"])
+    assert distill_stage._distill_model_options(cfg) == {"width": 16}
+    with pytest.raises(ValueError, match="depth must be >= 1"):
+        load_config(overrides=["distill.depth=0"])

@@ -21,6 +21,7 @@ class Config:
     num_networks: int = 4  # random networks per iteration, run as one stack
     batch_real: int = 256  # real images per class and network in a matching step
     width: int | None = None  # ConvNet width used while distilling (None: the model's)
+    depth: int | None = None  # ConvNet depth used while distilling (None: 3, ConvNet-3)
     eval_seeds: int = 3  # networks trained from scratch on the set to report its accuracy
 
     def __post_init__(self):
@@ -29,6 +30,8 @@ class Config:
         positive("num_networks", self.num_networks)
         positive("batch_real", self.batch_real)
         positive("eval_seeds", self.eval_seeds)
+        if self.depth is not None:
+            positive("depth", self.depth)
 
 
 def synthetic(ctx: Context) -> SyntheticSet:
@@ -38,7 +41,7 @@ def synthetic(ctx: Context) -> SyntheticSet:
 
 def _distill_model_options(cfg) -> dict:
     width = cfg.distill.width or (cfg.model.width if cfg.model.name.startswith("convnet") else None)
-    return {"width": width} if width else {}
+    return {name: value for name, value in (("width", width), ("depth", cfg.distill.depth)) if value}
 
 
 def run(ctx: Context) -> dict:
