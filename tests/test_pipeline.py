@@ -123,7 +123,9 @@ def test_ctrl_c_prints_one_line_and_a_rerun_resumes(finished_run, tmp_path):
     process.send_signal(signal.SIGINT)
     stderr = process.communicate(timeout=120)[1]
     assert process.returncode == 130, stderr
-    assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+    # SHORT's sets test at chance, so the distill stage may warn that its set does not beat random real images.
+    lines = [line for line in stderr.strip().splitlines() if not line.startswith("[fastmask] warning:")]
+    assert len(lines) == 1 and "Traceback" not in stderr
     assert "interrupted" in stderr and "distill, dense" in stderr and "rerun the same command to resume" in stderr
     finished = cli(*args)
     assert finished.returncode == 0, finished.stderr
