@@ -1,5 +1,6 @@
 """Dataset distillation: the DSA augmentation, the batched DM and gradient-matching losses against
 one-network-one-class loops, the synthetic set file, and the claim on real data (digits)."""
+import dataclasses
 import math
 
 import numpy as np
@@ -9,11 +10,12 @@ import torch.nn.functional as F
 
 from fastmask import data, models
 from fastmask.distill import (DMConfig, DSAConfig, DistributionMatching, GradientMatching, SyntheticSet, distill,
-                              evaluate, random_real)
+                              evaluate, evaluation_config, random_real)
 from fastmask.distill import augment as aug
 from fastmask.distill.base import RealSampler, redraw
 from fastmask.distill.dsa import gradient_distance
 from fastmask.stack import Stack
+from fastmask.stages import ReportContext
 from helpers import rel_error
 
 
@@ -289,6 +291,89 @@ def test_evaluate_rejects_a_test_set_of_another_space(digits):
         evaluate(syn, "convnet3", whitened.test)
     with pytest.raises(ValueError, match="seeds"):
         evaluate(syn, "convnet3", digits.test, seeds=())
+
+
+def test_evaluate_trains_seed_k_on_set_k_of_a_list(digits):
+    """A list of sets, one per seed: each seed's network trains on its own set, as if evaluated alone."""
+    cfg = evaluation_config(epochs=5, batch_size=10)
+    sets = [random_real(digits.train, 1, seed=s) for s in (3, 4)]
+    options = dict(model_options={"width": 8, "depth": 2}, cfg=cfg)
+    paired = evaluate(sets, "convnet", digits.test, seeds=(0, 1), **options)
+    alone = [evaluate(each, "convnet", digits.test, seeds=(seed,), **options)["mean"]
+             for each, seed in zip(sets, (0, 1))]
+    assert paired["accuracies"] == pytest.approx(alone, abs=1e-9)
+    assert paired["mean"] == pytest.approx(np.mean(alone)) and paired["accuracies"][0] != paired["accuracies"][1]
+    with pytest.raises(TypeError, match="one per seed"):
+        evaluate(sets, "convnet", digits.test, seeds=(0, 1, 2))
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+
+
+def _distill_stage(tmp_path, monkeypatch, spoil: str):
+    """The distill stage on digits with tiny networks, the distilled set (``spoil="distilled"``) or
+    the random-real baseline (``"random"``) replaced by blank images: a set that must lose."""
+    from fastmask.config import load_config
+    from fastmask.stages import Context
+    from fastmask.stages import distill as stage
+
+    cfg = load_config(overrides=["device=cpu", "model.width=8", "inner_train.steps=20", "inner_train.lr=0.1",
+                                 "inner_train.batch_size=20", "distill.iterations=2", "distill.eval_seeds=2",
+                                 "distill.images_per_class=2", "distill.lr=2.0"])
+
+    def blank(syn):
+        return dataclasses.replace(syn, images=torch.zeros_like(syn.images))
+
+    if spoil == "distilled":
+        real_distill = stage.distill.distill
+        monkeypatch.setattr(stage.distill, "distill", lambda *args, **kwargs: blank(real_distill(*args, **kwargs)))
+    else:
+        real_sets = stage.random_sets
+        monkeypatch.setattr(stage, "random_sets", lambda ctx: [blank(syn) for syn in real_sets(ctx)])
+    ctx = Context(tmp_path, cfg, torch.device("cpu"), data.load("digits"), {"stages": {}}, progress=False)
+    result = stage.run(ctx)
+    report = "\n".join(stage.report(result, ReportContext(tmp_path, tmp_path / "plots", {})))
+    return result, report
+
+
+def test_distill_stage_warns_when_the_distilled_set_loses_to_random_real_images(tmp_path, monkeypatch, capsys):
+    result, report = _distill_stage(tmp_path, monkeypatch, spoil="distilled")
+    assert result["beats_random"] is False and result["margin"] < 0
+    assert result["margin"] == pytest.approx(100 * (result["syn_test_accuracy"] - result["random_test_accuracy"]))
+    message = "the distilled set does NOT beat random real images of the same size"
+    warning = [line for line in capsys.readouterr().err.splitlines() if message in line]
+    assert len(warning) == 1 and f"{100 * result['random_test_accuracy']:.1f}%" in warning[0]
+    assert f"**Warning: {message}" in report and "| random real images" in report
+
+
+def test_distill_stage_records_the_random_baseline_and_a_win(tmp_path, monkeypatch, capsys):
+    result, report = _distill_stage(tmp_path, monkeypatch, spoil="random")
+    assert result["beats_random"] is True and result["margin"] > 0
+    assert len(result["random_test_accuracies"]) == 2
+    assert all(0 <= a <= 1 for a in result["random_test_accuracies"] + [result["random_test_accuracy_std"]])
+    assert result["random_test_accuracy"] == pytest.approx(np.mean(result["random_test_accuracies"]))
+    assert "NOT beat" not in capsys.readouterr().err + report
+    assert "beats random real images of the same size by" in report
+    assert f"| distilled (dm) | {100 * result['syn_test_accuracy']:.1f}" in report
+    assert f"| random real images (a draw per seed) | {100 * result['random_test_accuracy']:.1f}" in report
+    assert SyntheticSet.load(tmp_path / "distilled.safetensors").hyperparameters["lr"] == 2.0  # distill.lr
+
+
+def test_random_baseline_draws_a_set_per_eval_seed_and_none_for_method_random(tmp_path):
+    from fastmask.config import load_config
+    from fastmask.stages import Context
+    from fastmask.stages import distill as stage
+
+    cfg = load_config(overrides=["device=cpu", "distill.eval_seeds=3"])
+    ctx = Context(tmp_path, cfg, torch.device("cpu"), data.load("digits"), {"stages": {}}, progress=False)
+    sets = stage.random_sets(ctx)
+    assert len(sets) == 3 and all(len(syn) == 100 for syn in sets)
+    assert not torch.equal(sets[0].images, sets[1].images)
+    assert torch.equal(sets[2].images, stage.random_sets(ctx)[2].images)  # seeded
+    ctx.cfg = load_config(overrides=["device=cpu", "distill.method=random"])
+    nulls = stage._against_random(ctx, {"mean": 0.5})
+    assert nulls == dict.fromkeys(("random_test_accuracy", "random_test_accuracy_std", "random_test_accuracies",
+                                   "beats_random", "margin"))
 
 
 # ---------------------------------------------------------------------------------------------- the claim

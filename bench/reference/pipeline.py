@@ -2,7 +2,8 @@
 eager PyTorch, stage for stage with the same hyperparameters, and the same ``results.json`` schema.
 
     distill    DM, one network and one class at a time (or "random": random real images); the
-               set's accuracy from fresh networks trained on it one after another
+               set's accuracy from fresh networks trained on it one after another, and theirs on
+               random real images (a draw per network) when the set is distilled
     dense      the dense network trained on the real data
     imp        IMP with the real and the distilled inner loop, and the random-pruning baseline:
                torch.nn.utils.prune masks, one training run at a time
@@ -115,16 +116,30 @@ class _Reference:
                 num_networks=cfg.distill.num_networks, build=random_network, seed=cfg.seed, device=self.device)
         _synchronize(self.device)
         seconds = time.perf_counter() - start
-        accuracies = []
-        for seed in range(cfg.distill.eval_seeds):
-            torch.manual_seed(seed)
-            net = models.create(cfg.model.name, self.num_classes, self.shape, **self.model_options()).to(self.device)
-            outcome = train(net, *self.synthetic, cfg.inner_train, seed, test=self.test_data, **self.train_options)
-            accuracies.append(outcome.test_accuracy)
+        seeds = range(cfg.distill.eval_seeds)
+        accuracies = [self.accuracy_of(self.synthetic, seed) for seed in seeds]
+        baseline = dict.fromkeys(("random_test_accuracy", "random_test_accuracy_std", "random_test_accuracies",
+                                  "beats_random", "margin"))
+        if cfg.distill.method != "random":  # one draw of random real images per evaluation seed
+            draws = [distill.random_real(labels, self.num_classes, cfg.distill.images_per_class,
+                                         torch.Generator().manual_seed(cfg.seed + 1 + seed)) for seed in seeds]
+            random_accuracies = [self.accuracy_of((images[index], labels[index]), seed)
+                                 for index, seed in zip(draws, seeds)]
+            baseline = {"random_test_accuracy": float(np.mean(random_accuracies)),
+                        "random_test_accuracy_std": float(np.std(random_accuracies)),
+                        "random_test_accuracies": random_accuracies,
+                        "beats_random": bool(np.mean(accuracies) > np.mean(random_accuracies)),
+                        "margin": float(100 * (np.mean(accuracies) - np.mean(random_accuracies)))}
         return {"method": cfg.distill.method, "images_per_class": cfg.distill.images_per_class,
                 "num_images": len(self.synthetic[0]), "syn_test_accuracy": float(np.mean(accuracies)),
-                "syn_test_accuracy_std": float(np.std(accuracies)), "syn_test_accuracies": accuracies,
+                "syn_test_accuracy_std": float(np.std(accuracies)), "syn_test_accuracies": accuracies, **baseline,
                 "seconds": seconds}
+
+    def accuracy_of(self, train_set: tuple[torch.Tensor, torch.Tensor], seed: int) -> float:
+        """The test accuracy of a fresh network (seed ``seed``) trained on ``train_set`` alone."""
+        torch.manual_seed(seed)
+        net = models.create(self.cfg.model.name, self.num_classes, self.shape, **self.model_options()).to(self.device)
+        return train(net, *train_set, self.cfg.inner_train, seed, test=self.test_data, **self.train_options).test_accuracy
 
     def stage_dense(self) -> dict:
         start = time.perf_counter()

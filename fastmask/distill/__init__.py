@@ -110,27 +110,51 @@ def evaluation_config(epochs: float = 300, **overrides) -> TrainConfig:
     return TrainConfig(**{**settings, **overrides})
 
 
-def evaluate(synthetic_set: SyntheticSet, model_name: str, test_data: Dataset, seeds: Sequence[int] = (0, 1, 2),
-             cfg: TrainConfig | None = None, *, model_options: dict | None = None, progress: bool = False) -> dict:
+def evaluate(synthetic_set: SyntheticSet | Sequence[SyntheticSet], model_name: str, test_data: Dataset,
+             seeds: Sequence[int] = (0, 1, 2), cfg: TrainConfig | None = None, *, model_options: dict | None = None,
+             progress: bool = False) -> dict:
     """Train one fresh ``model_name`` network per seed on ``synthetic_set`` alone (all of them at
     once, as a stack) and test them on ``test_data``.
 
+    ``synthetic_set`` may also be a list of sets, one per seed: seed k's network trains on set k
+    alone (the random-real baseline draws one set per seed). ``fit`` trains a stack on one
+    dataset, so each set then has a fit of its own.
+
     ``cfg`` defaults to ``evaluation_config()``. ``test_data`` must be normalised like the
-    synthetic set's source. Returns ``{"mean", "std", "accuracies"}`` (fractions; ``std`` is the
-    population standard deviation over seeds, as the papers' code reports it).
+    synthetic set's source. Returns ``{"mean", "std", "accuracies"}`` (fractions, ``accuracies``
+    in the order of ``seeds``; ``std`` is the population standard deviation over seeds, as the
+    papers' code reports it).
 
     Example::
 
         result = evaluate(syn, "convnet3", splits.test, seeds=(0, 1, 2, 3, 4))
         print(f"{100 * result['mean']:.1f} +- {100 * result['std']:.1f}")
+        baseline = evaluate([random_real(splits.train, 10, seed=s) for s in (0, 1, 2)], "convnet3", splits.test)
     """
-    if not isinstance(synthetic_set, SyntheticSet):
-        raise TypeError(f"synthetic_set must be a SyntheticSet, got {type(synthetic_set).__name__}")
     if not isinstance(test_data, Dataset):
         raise TypeError(f"test_data must be a fastmask.data.Dataset, got {type(test_data).__name__}")
     seeds = list(seeds)
     if not seeds:
         raise ValueError("seeds must hold at least one seed")
+    if isinstance(synthetic_set, SyntheticSet):
+        groups = [(synthetic_set, seeds)]
+    elif isinstance(synthetic_set, (list, tuple)) and len(synthetic_set) == len(seeds):
+        groups = [(each, [seed]) for each, seed in zip(synthetic_set, seeds)]
+    else:
+        count = f" of {len(synthetic_set)}" if isinstance(synthetic_set, (list, tuple)) else ""
+        raise TypeError(f"synthetic_set must be a SyntheticSet or a list of one per seed ({len(seeds)}), got "
+                        f"{type(synthetic_set).__name__}{count}")
+    for each, _ in groups:
+        _check_evaluable(each, test_data)
+    accuracies = []
+    for each, group_seeds in groups:
+        accuracies += _train_and_test(each, model_name, test_data, group_seeds, cfg, model_options, progress)
+    return {"mean": float(np.mean(accuracies)), "std": float(np.std(accuracies)), "accuracies": accuracies}
+
+
+def _check_evaluable(synthetic_set: SyntheticSet, test_data: Dataset) -> None:
+    if not isinstance(synthetic_set, SyntheticSet):
+        raise TypeError(f"synthetic_set must be a SyntheticSet, got {type(synthetic_set).__name__}")
     syn_shape = tuple(synthetic_set.images.shape[1:])
     if test_data.image_shape != syn_shape or test_data.num_classes != synthetic_set.num_classes:
         raise ValueError(f"test_data holds {test_data.num_classes} classes of shape {test_data.image_shape} but the "
@@ -141,6 +165,11 @@ def evaluate(synthetic_set: SyntheticSet, model_name: str, test_data: Dataset, s
     if not same_space:
         raise ValueError("test_data is normalised differently from the synthetic set's source "
                          "(mean, std or ZCA differ): evaluate on the test split of the same load")
+
+
+def _train_and_test(synthetic_set: SyntheticSet, model_name: str, test_data: Dataset, seeds: list[int],
+                    cfg: TrainConfig | None, model_options: dict | None, progress: bool) -> list[float]:
+    """The test accuracy of one network per seed trained on ``synthetic_set`` alone, as one stack."""
     cfg = evaluation_config() if cfg is None else cfg
     train_set = synthetic_set.as_dataset().to(test_data.device)
     options = dict(model_options or {})
@@ -148,8 +177,7 @@ def evaluate(synthetic_set: SyntheticSet, model_name: str, test_data: Dataset, s
         lambda: models.create(model_name, synthetic_set.num_classes, test_data.image_shape, **options), seeds)
     result = fit(stack.to(test_data.device), train_set, cfg, seeds, eval_data=test_data, progress=progress,
                  description=f"evaluate {synthetic_set.method}")
-    accuracies = [float(a) for a in result.metrics["test_accuracy"]]
-    return {"mean": float(np.mean(accuracies)), "std": float(np.std(accuracies)), "accuracies": accuracies}
+    return [float(a) for a in result.metrics["test_accuracy"]]
 
 
 __all__ = ["distill", "evaluate", "evaluation_config", "SyntheticSet", "MultiFormationSet", "random_real", "DSA",
