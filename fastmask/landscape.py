@@ -65,6 +65,12 @@ class LandscapeResult:
     xlabel: str = "x"
     ylabel: str = "y"
 
+    def __repr__(self) -> str:  # the grid's extent and extremes, never its arrays
+        points = ", ".join(self.points)
+        return (f"LandscapeResult({len(self.x)} x {len(self.y)} grid, loss {np.nanmin(self.loss):.4g} to "
+                f"{np.nanmax(self.loss):.4g}, error {100 * np.nanmin(self.error):.1f}% to "
+                f"{100 * np.nanmax(self.error):.1f}%, points {points})")
+
     def to_dict(self) -> dict:
         return {"x": self.x.tolist(), "y": self.y.tolist(), "loss": self.loss.tolist(), "error": self.error.tolist(),
                 "points": {name: list(p) for name, p in self.points.items()}}

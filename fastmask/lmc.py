@@ -81,6 +81,11 @@ class InterpolationResult:
     def barrier_error(self) -> float:
         return _barrier(self.alphas, self.error)
 
+    def __repr__(self) -> str:
+        return (f"InterpolationResult({len(self.alphas)} alphas, barrier: error {100 * self.barrier_error:.2f}%, "
+                f"loss {self.barrier_loss:.4f}; error at the ends {100 * self.error[0]:.2f}% / "
+                f"{100 * self.error[-1]:.2f}%{', BN reset' if self.bn_reset else ''})")
+
     def to_dict(self) -> dict:
         return {"alphas": self.alphas, "loss": self.loss, "error": self.error, "barrier_loss": self.barrier_loss,
                 "barrier_error": self.barrier_error, "bn_reset": self.bn_reset}
@@ -104,6 +109,11 @@ class InstabilityResult:
     test: InterpolationResult
     train_reset: Optional[InterpolationResult] = None
     test_reset: Optional[InterpolationResult] = None
+
+    def __repr__(self) -> str:  # the barriers, never the models' weights
+        reset = "" if self.test_reset is None else (f"; BN reset test error {100 * self.test_reset.barrier_error:.2f}%")
+        return (f"InstabilityResult(barrier: test error {100 * self.test.barrier_error:.2f}%, test loss "
+                f"{self.test.barrier_loss:.4f}, train error {100 * self.train.barrier_error:.2f}%{reset})")
 
 
 # ----------------------------------------------------------------------------- alphas

@@ -162,6 +162,12 @@ class IMPResult:
     masks: list[dict[str, Tensor]]
     rewind_weights: dict[str, Tensor]
 
+    def __repr__(self) -> str:  # the records, never the tensors
+        def accuracy(r):
+            return "-" if r.get("test_accuracy") is None else f"{100 * r['test_accuracy']:.1f}%"
+        rounds = ", ".join(f"{r['density']:.3f}: {accuracy(r)}" for r in self.rounds)
+        return f"IMPResult({len(self.rounds)} rounds, density: test accuracy {{{rounds}}})"
+
 
 @dataclasses.dataclass
 class Round:

@@ -61,8 +61,11 @@ class TrainConfig:
     schedule: str = "cosine"  # "constant", "step" (lr x gamma at each milestone) or "cosine"
     milestones: tuple[float, ...] = (0.5,)  # fractions of the run, for "step"
     gamma: float = 0.1
-    augment: bool = True  # random crop (pad 4) and horizontal flip
-    flip: bool = True
+    # Random crop (pad 4) and horizontal flip. None: chosen by the data (``augments``): on for colour
+    # images of at least 32 x 32 (CIFAR, ImageNet-like), off for grey or smaller ones (digits, MNIST,
+    # Fashion-MNIST), where a 4-pixel shift or a mirror image changes or destroys the class.
+    augment: bool | None = None
+    flip: bool = True  # with augment: also mirror images left-right
     label_smoothing: float = 0.0
     amp: bool = True  # bf16 autocast on CUDA
     channels_last: bool = True  # on CUDA
@@ -81,6 +84,13 @@ class TrainConfig:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+
+    def augments(self, image_shape: Sequence[int]) -> bool:
+        """Whether training on images of ``image_shape`` ``[C, H, W]`` augments (``augment``, or its rule)."""
+        if self.augment is not None:
+            return self.augment
+        channels, height, width = image_shape
+        return channels == 3 and min(height, width) >= 32
 
     def total_steps(self, dataset_size: int) -> int:
         if self.steps is not None:
@@ -108,6 +118,16 @@ class TrainResult:
     checkpoints: dict[int, dict[str, Tensor]]  # step -> state_dict, for the steps asked for
     metrics: dict[str, float | list[float]]
     examples_seen: int  # training examples consumed per model (the "training points" of a run)
+
+    def __repr__(self) -> str:  # the metrics, never the checkpoints' tensors
+        def short(value):
+            if isinstance(value, (list, tuple)):
+                return "[" + ", ".join(f"{v:.4g}" for v in value) + "]"
+            return f"{value:.4g}" if isinstance(value, float) else repr(value)
+        metrics = ", ".join(f"{k}={short(v)}" for k, v in self.metrics.items())
+        last = f", last loss {self.losses[-1]:.4g}" if self.losses else ""
+        return (f"TrainResult({self.steps} steps, {self.examples_seen} examples seen{last}, "
+                f"checkpoints at {sorted(self.checkpoints)}, {metrics})")
 
 
 # DDP would broadcast every buffer (the masks too) at each step; fit averages the running statistics
@@ -275,7 +295,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int | Sequence[
     if channels_last:
         to_channels_last(model)
     batch_size = min(cfg.batch_size, len(data))
-    loader = Loader(data, batch_size, seeds, augment=cfg.augment, flip=cfg.flip)
+    loader = Loader(data, batch_size, seeds, augment=cfg.augments(data.image_shape), flip=cfg.flip)
     total = cfg.total_steps(len(data))
     parallel = distributed.active()
     world, rank = distributed.world_size() if parallel else 1, distributed.rank() if parallel else 0

@@ -69,6 +69,11 @@ class SyntheticSet:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def __repr__(self) -> str:  # the provenance, never the images
+        return (f"SyntheticSet({self.method} of {self.source}: {len(self)} images {list(self.images.shape[1:])}, "
+                f"{self.images_per_class} per class, {self.num_classes} classes, {self.seconds:.1f} s, "
+                f"zca={self.zca is not None}, device {self.device})")
+
     @property
     def device(self) -> torch.device:
         return self.images.device

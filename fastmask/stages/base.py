@@ -37,7 +37,7 @@ class Stage:
     ``name``: its key in ``results.json`` (``stages``, ``timings``), its config section and the
     progress line; ``title``: its name for humans (the report's heading); ``files``: what it writes
     in the run folder besides the shared ``checkpoints``, ``plots`` and ``units`` (removed when a run
-    starts over with ``--force``).
+    starts over with ``--force``); ``summary``: the line printed when it ends (its headline numbers).
     """
 
     name: str
@@ -46,6 +46,7 @@ class Stage:
     report: Callable[[dict, "ReportContext"], list[str]]
     config: Optional[type] = None
     files: tuple[str, ...] = ()
+    summary: Optional[Callable[[dict], str]] = None  # its result's headline numbers, in one line
 
 
 @dataclasses.dataclass
@@ -73,11 +74,6 @@ class Context:
         file = self.path("metrics.jsonl")
         lines = file.read_text() if file.exists() else ""
         io.write_text(file, lines + json.dumps({"time": time.time(), **event}) + "\n")
-
-    def say(self, text: str) -> None:
-        """A log line, when there are no progress bars (``--quiet``), on rank 0."""
-        if not self.progress and distributed.is_main():
-            print(f"[fastmask] {text}", flush=True)
 
     def model_options(self) -> dict:
         """The configured model's options (``model.width``, ``model.norm``) that are set."""

@@ -76,4 +76,10 @@ def report(result: dict, ctx: ReportContext) -> list[str]:
     return lines
 
 
-STAGE = Stage("distill", "Distilled set", run, report, config=Config, files=("distilled.safetensors",))
+def summary(result: dict) -> str:
+    return (f"{result['method']} set of {result['num_images']} images; networks trained on it alone: "
+            f"{100 * result['syn_test_accuracy']:.1f} ± {100 * result.get('syn_test_accuracy_std', 0):.1f}% test accuracy")
+
+
+STAGE = Stage("distill", "Distilled set", run, report, config=Config, files=("distilled.safetensors", "experts"),
+              summary=summary)

@@ -75,4 +75,8 @@ def report(result: dict, ctx: ReportContext) -> list[str]:
     return lines + ["", f"![Hessian diagonal]({'plots/' + name})" if name else "", ""]
 
 
-STAGE = Stage("hessian", "Hessian diagonal (Hutchinson)", run, report, config=Config)
+def summary(result: dict) -> str:
+    return "trace " + ", ".join(f"{kind} {h['trace']:.4g} ± {h['trace_stderr']:.2g}" for kind, h in result.items())
+
+
+STAGE = Stage("hessian", "Hessian diagonal (Hutchinson)", run, report, config=Config, summary=summary)

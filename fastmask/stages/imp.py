@@ -179,5 +179,11 @@ def report(result: dict, ctx: ReportContext) -> list[str]:
     return lines + [""] + [f"![{n}](plots/{n})" for n in names] + [""]
 
 
+def summary(result: dict) -> str:
+    last = {kind: rounds[-1] for kind, rounds in result.items()}
+    accuracies = ", ".join(f"{kind} {100 * r['test_accuracy']:.1f}%" for kind, r in last.items())
+    return f"at density {last['real']['density']:.3f}: {accuracies}"
+
+
 STAGE = Stage("imp", "Iterative magnitude pruning", run, report, config=Config,
-              files=("imp_real", "imp_distilled", "imp_random"))
+              files=("imp_real", "imp_distilled", "imp_random"), summary=summary)

@@ -42,4 +42,11 @@ def report(result: dict, ctx: ReportContext) -> list[str]:
     return lines + [f"![landscape {k}](plots/landscape_{k}.png)" for k in result] + [""]
 
 
-STAGE = Stage("landscape", "Loss landscape", run, report, config=Config)
+def summary(result: dict) -> str:
+    def lowest(loss):  # NaN where a grid point diverged
+        return min((v for row in loss for v in row if v == v), default=float("nan"))
+
+    return "lowest test loss on the plane " + ", ".join(f"{kind} {lowest(r['loss']):.3g}" for kind, r in result.items())
+
+
+STAGE = Stage("landscape", "Loss landscape", run, report, config=Config, summary=summary)

@@ -101,4 +101,8 @@ def report(result: dict, ctx: ReportContext) -> list[str]:
     return lines + [""] + [f"![{n}](plots/{n})" for n in _plots(result, ctx.plots)] + [""]
 
 
-STAGE = Stage("lmc", "Linear mode connectivity", run, report, config=Config)
+def summary(result: dict) -> str:
+    return "test error barrier " + ", ".join(f"{kind} {100 * e['barrier_error']:.2f}%" for kind, e in result.items())
+
+
+STAGE = Stage("lmc", "Linear mode connectivity", run, report, config=Config, summary=summary)
