@@ -184,7 +184,7 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, alphas=DEFAULT_ALPHAS, d
 
 def instability(model: nn.Module, masks: Optional[dict[str, Tensor]], rewind_weights: Optional[dict[str, Tensor]],
                 data: DataSplits, train_cfg, seeds: Sequence[int] = (0, 1), alphas=DEFAULT_ALPHAS, *,
-                bn_reset: bool = False, progress: bool = False) -> InstabilityResult:
+                bn_reset: bool = False, progress: bool = False, description: str = "instability") -> InstabilityResult:
     """Instability to SGD noise (Frankle et al., 2020): train two copies of ``model`` from the same
     weights and mask with different data orders and augmentation, then interpolate them.
 
@@ -199,6 +199,7 @@ def instability(model: nn.Module, masks: Optional[dict[str, Tensor]], rewind_wei
         seeds: the two copies' data-order and augmentation seeds; both train as one stack of 2.
         alphas: as ``interpolate``.
         bn_reset: also interpolate with BatchNorm statistics recomputed on ``data.train``.
+        progress, description: progress bars, and the training bar's label (e.g. the network's name).
 
     Example::
 
@@ -219,7 +220,7 @@ def instability(model: nn.Module, masks: Optional[dict[str, Tensor]], rewind_wei
     if masks is not None:
         masks_module.apply(start, masks)
     pair = Stack([start, start])
-    fit(pair, data.train, train_cfg, seed=seeds, progress=progress, description="instability")
+    fit(pair, data.train, train_cfg, seed=seeds, progress=progress, description=description)
     model_a, model_b = pair.split()
     runs = {}
     for split, dataset in (("train", data.train), ("test", data.test)):

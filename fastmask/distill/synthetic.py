@@ -155,7 +155,8 @@ class SyntheticSet:
         axes.set_xticks([])
         axes.set_title(f"{self.source} {self.method}, {self.images_per_class} per class", fontsize=9)
         figure.tight_layout()
-        io.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+        # A tight box: class names longer than the margin tight_layout left are not clipped.
+        io.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
 
 
 def random_real(data: Dataset, images_per_class: int, seed: int = 0) -> SyntheticSet:

@@ -97,6 +97,13 @@ class ReportContext:
     plots: Path
     results: dict
 
+    def subject(self) -> str:
+        """The words each plot's title ends with (``fastmask.plots.subject``): network, data, run."""
+        from fastmask import plots
+
+        config = self.results["config"]
+        return plots.subject(self.folder, config["model"]["name"], config["data"]["name"])
+
 
 def one_of(key: str, value, choices) -> None:
     """A config value that must be one of ``choices``."""
