@@ -29,7 +29,6 @@ Example::
 """
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
