@@ -68,8 +68,8 @@ def run(ctx: Context) -> dict:
 
 
 def report(result: dict, ctx: ReportContext) -> list[str]:
-    lines = [f"{result['method']}, {result['images_per_class']} images per class ({result['num_images']} images) in "
-             f"{result['seconds']:.1f} s. Networks trained on it alone: test accuracy "
+    lines = [f"{result['method']}, {result['images_per_class']} images per class ({result['num_images']} images), "
+             f"distilled in {result['seconds']:.1f} s (the whole stage, with the evaluation: Time per stage). Networks trained on it alone: test accuracy "
              f"{100 * result['syn_test_accuracy']:.1f} ± {100 * result.get('syn_test_accuracy_std', 0):.1f}%.", ""]
     if (ctx.plots / "distilled.png").exists():
         lines += ["![distilled images](plots/distilled.png)", ""]
