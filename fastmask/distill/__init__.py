@@ -78,8 +78,8 @@ def distill(method: str, data: Dataset, images_per_class: int, *, model: str = "
     for dm, 1,000 for dsa/dc (each with an inner loop of network updates), 2,000 for idc, 5,000
     for mtt (after training its experts); dm's 20,000 take hours on a CPU. On a CPU pass
     ``iterations`` yourself: dm on digits with ``iterations=300, num_networks=2, batch_real=32,
-    model_options={"width": 32, "depth": 2}`` (the ``digits-convnet3`` preset's) takes seconds
-    and beats random real images (README, "Figures").
+    model_options={"width": 32, "depth": 2}`` (the ``digits-convnet3`` preset's) took 175 s
+    on 2 heavily loaded cores, and beats random real images (README, "Figures").
 
     Example::
 
