@@ -61,7 +61,7 @@ def run(ctx: Context) -> dict:
     distributed.barrier()
     syn = synthetic(ctx)  # every rank distilled the same seeded set; rank 0's copy is the one kept
     scores = distill.evaluate(syn, cfg.model.name, ctx.splits.test, seeds=tuple(range(cfg.distill.eval_seeds)),
-                              cfg=cfg.inner_train, model_options=ctx.model_options())
+                              cfg=cfg.inner_train, model_options=ctx.model_options(), progress=ctx.progress)
     return {"method": cfg.distill.method, "images_per_class": cfg.distill.images_per_class,
             "num_images": len(syn), "syn_test_accuracy": scores["mean"], "syn_test_accuracy_std": scores["std"],
             "syn_test_accuracies": scores["accuracies"], "seconds": seconds}
