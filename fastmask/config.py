@@ -193,11 +193,22 @@ def _merge(target, values: dict, prefix: str = ""):
         raise ValueError(f"{prefix.rstrip('.') or 'config'}: {error}") from None
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML parse error in a few words: what went wrong, and where (1-based line and column)."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(error, 'problem', None) or type(error).__name__}{where}"
+
+
 def _parse_override(text: str) -> dict:
     if "=" not in text:
         raise ValueError(f"override {text!r} must look like key=value (e.g. imp.rounds=3)")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw else None
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError as error:
+        raise ValueError(f"override {text!r}: the value {raw!r} is not valid YAML ({_yaml_problem(error)}); "
+                         "quote a string, write a list as [1, 2]") from None
     nested: dict = {}
     node = nested
     parts = key.strip().split(".")
@@ -218,10 +229,35 @@ def load_config(preset: str | None = None, config_file: str | Path | None = None
         path = Path(config_file)
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-        cfg = _merge(cfg, yaml.safe_load(path.read_text()) or {})
+        try:
+            values = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ValueError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(error)}") from None
+        try:
+            cfg = _merge(cfg, values or {})
+        except ValueError as error:
+            raise ValueError(f"config file {str(path)!r}: {error}") from None
     for text in overrides:
         cfg = _merge(cfg, _parse_override(text))
     return cfg
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested config dicts (``to_dict``), as
+    ``key: old -> new``.
+
+    Example::
+
+        differences({"imp": {"rounds": 5}}, {"imp": {"rounds": 3}})   # ['imp.rounds: 5 -> 3']
+    """
+    lines = []
+    for key in list(old) + [k for k in new if k not in old]:
+        a, b = old.get(key, "(absent)"), new.get(key, "(absent)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            lines.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return lines
 
 
 def to_dict(cfg) -> dict:

@@ -81,6 +81,11 @@ class HessianDiag:
     diag_max: float
     layers: dict[str, LayerSummary]
 
+    def __repr__(self) -> str:  # the scalars, never the diagonal's tensors
+        return (f"HessianDiag(trace {self.trace:.4g} ± {self.trace_stderr:.2g}, {self.num_probes} probes, "
+                f"{self.num_entries} entries, diag mean {self.diag_mean:.3g}, max {self.diag_max:.3g}, "
+                f"{len(self.layers)} layers)")
+
     def summary(self) -> dict:
         """The scalars stored in a run's ``results.json``."""
         return {"trace": self.trace, "trace_stderr": self.trace_stderr, "diag_mean": self.diag_mean,

@@ -65,30 +65,53 @@ class LandscapeResult:
     xlabel: str = "x"
     ylabel: str = "y"
 
+    def __repr__(self) -> str:  # the grid's extent and extremes, never its arrays
+        points = ", ".join(self.points)
+        return (f"LandscapeResult({len(self.x)} x {len(self.y)} grid, loss {np.nanmin(self.loss):.4g} to "
+                f"{np.nanmax(self.loss):.4g}, error {100 * np.nanmin(self.error):.1f}% to "
+                f"{100 * np.nanmax(self.error):.1f}%, points {points})")
+
     def to_dict(self) -> dict:
         return {"x": self.x.tolist(), "y": self.y.tolist(), "loss": self.loss.tolist(), "error": self.error.tolist(),
                 "points": {name: list(p) for name, p in self.points.items()}}
 
-    def save_plot(self, path: str | os.PathLike, what: str = "loss", levels: int = 30) -> Path:
-        """Write a filled contour plot of ``what`` (``"loss"`` or ``"error"``) as a PNG, atomically."""
+    def save_plot(self, path: str | os.PathLike, what: str = "loss", levels: int = 30, title: str | None = None,
+                  markers: str | None = None) -> Path:
+        """Write a filled contour plot of ``what`` (``"loss"`` or ``"error"``, in percent) as a PNG,
+        atomically, under ``title``; ``markers`` says what the marked points are (under the plot).
+
+        The plot is square whatever the extent of each axis (a plane through two nearby trained
+        copies is far longer than wide): the axes' tick labels give the distances.
+
+        Example::
+
+            result.save_plot("plane.png", title="ConvNet-3, dense", markers="w0: init; w1, w2: trained copies")
+        """
         if what not in ("loss", "error"):
             raise ValueError(f"what must be 'loss' or 'error', got {what!r}")
         from matplotlib.figure import Figure  # the Agg canvas, without touching pyplot's global backend
-        from mpl_toolkits.axes_grid1 import make_axes_locatable
+        from matplotlib.ticker import MaxNLocator
 
-        values = np.ma.masked_invalid(self.loss if what == "loss" else self.error)
-        figure = Figure(figsize=(5.5, 4.5), dpi=120)
+        values = np.ma.masked_invalid(self.loss if what == "loss" else 100 * self.error)
+        figure = Figure(figsize=(6, 5.6), dpi=120, layout="constrained")
         axes = figure.subplots()
         filled = axes.contourf(self.x, self.y, values, levels=levels, cmap="viridis")
         axes.contour(self.x, self.y, values, levels=filled.levels, colors="black", linewidths=0.3, alpha=0.5)
-        colorbar_axes = make_axes_locatable(axes).append_axes("right", size="4%", pad=0.1)  # as tall as the plot
-        figure.colorbar(filled, cax=colorbar_axes, label=what)
+        colorbar = figure.colorbar(filled, ax=axes, shrink=0.85, label="loss" if what == "loss" else "error (%)")
+        colorbar.locator = MaxNLocator(7)  # a few readable labels, not one per contour level
+        colorbar.update_ticks()
         for name, (px, py) in self.points.items():
             axes.plot(px, py, "o", color="white", markeredgecolor="black")
-            axes.annotate(name, (px, py), textcoords="offset points", xytext=(5, 5), color="white")
+            axes.annotate(name, (px, py), textcoords="offset points", xytext=(5, 5), color="white", fontweight="bold")
         axes.set_xlabel(self.xlabel)
         axes.set_ylabel(self.ylabel)
-        axes.set_aspect("equal")  # both axes are distances in parameter space (or direction units)
+        axes.set_box_aspect(1)
+        axes.xaxis.set_major_locator(MaxNLocator(6))
+        axes.yaxis.set_major_locator(MaxNLocator(6))
+        if title:
+            axes.set_title(title, fontsize=10)
+        if markers:
+            figure.text(0.5, 0, markers, ha="center", va="top", fontsize=8)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(path.name + ".tmp")

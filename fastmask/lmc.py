@@ -81,6 +81,11 @@ class InterpolationResult:
     def barrier_error(self) -> float:
         return _barrier(self.alphas, self.error)
 
+    def __repr__(self) -> str:
+        return (f"InterpolationResult({len(self.alphas)} alphas, barrier: error {100 * self.barrier_error:.2f}%, "
+                f"loss {self.barrier_loss:.4f}; error at the ends {100 * self.error[0]:.2f}% / "
+                f"{100 * self.error[-1]:.2f}%{', BN reset' if self.bn_reset else ''})")
+
     def to_dict(self) -> dict:
         return {"alphas": self.alphas, "loss": self.loss, "error": self.error, "barrier_loss": self.barrier_loss,
                 "barrier_error": self.barrier_error, "bn_reset": self.bn_reset}
@@ -104,6 +109,11 @@ class InstabilityResult:
     test: InterpolationResult
     train_reset: Optional[InterpolationResult] = None
     test_reset: Optional[InterpolationResult] = None
+
+    def __repr__(self) -> str:  # the barriers, never the models' weights
+        reset = "" if self.test_reset is None else (f"; BN reset test error {100 * self.test_reset.barrier_error:.2f}%")
+        return (f"InstabilityResult(barrier: test error {100 * self.test.barrier_error:.2f}%, test loss "
+                f"{self.test.barrier_loss:.4f}, train error {100 * self.train.barrier_error:.2f}%{reset})")
 
 
 # ----------------------------------------------------------------------------- alphas
@@ -174,7 +184,7 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, alphas=DEFAULT_ALPHAS, d
 
 def instability(model: nn.Module, masks: Optional[dict[str, Tensor]], rewind_weights: Optional[dict[str, Tensor]],
                 data: DataSplits, train_cfg, seeds: Sequence[int] = (0, 1), alphas=DEFAULT_ALPHAS, *,
-                bn_reset: bool = False, progress: bool = False) -> InstabilityResult:
+                bn_reset: bool = False, progress: bool = False, description: str = "instability") -> InstabilityResult:
     """Instability to SGD noise (Frankle et al., 2020): train two copies of ``model`` from the same
     weights and mask with different data orders and augmentation, then interpolate them.
 
@@ -189,6 +199,7 @@ def instability(model: nn.Module, masks: Optional[dict[str, Tensor]], rewind_wei
         seeds: the two copies' data-order and augmentation seeds; both train as one stack of 2.
         alphas: as ``interpolate``.
         bn_reset: also interpolate with BatchNorm statistics recomputed on ``data.train``.
+        progress, description: progress bars, and the training bar's label (e.g. the network's name).
 
     Example::
 
@@ -209,7 +220,7 @@ def instability(model: nn.Module, masks: Optional[dict[str, Tensor]], rewind_wei
     if masks is not None:
         masks_module.apply(start, masks)
     pair = Stack([start, start])
-    fit(pair, data.train, train_cfg, seed=seeds, progress=progress, description="instability")
+    fit(pair, data.train, train_cfg, seed=seeds, progress=progress, description=description)
     model_a, model_b = pair.split()
     runs = {}
     for split, dataset in (("train", data.train), ("test", data.test)):

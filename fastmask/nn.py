@@ -102,6 +102,12 @@ def sparsify(model: nn.Module) -> nn.Module:
     The modules keep their identity, parameters and hooks (their class changes), so optimizers
     built before still hold the right tensors. A module reparametrised by ``torch.nn.utils.prune``
     (``weight_orig`` and ``weight_mask``) keeps its mask. Returns ``model``.
+
+    Example::
+
+        model = fastmask.sparsify(torchvision.models.resnet18())    # every conv and linear: masked
+        fastmask.masks.apply(model, {"conv1.weight": model.conv1.weight.abs() > 1e-2})
+        fastmask.masks.density(model)                               # the fraction of weights kept
     """
     for module in list(model.modules()):
         masked_type = MASKED_TYPES.get(type(module))

@@ -82,6 +82,12 @@ def magnitude_masks(model: nn.Module, rate: float = 0.2, scope: str = "global",
             (IMP uses (1 - rate)^r so that rounding never accumulates over rounds).
 
     Returns ``{parameter name: boolean mask}``; a pruned weight never comes back.
+
+    Example::
+
+        masks = magnitude_masks(model, rate=0.2)                       # 80% of each kept, global threshold
+        masks = magnitude_masks(model, rate=0.2, masks=masks)          # the next round: 64%
+        fastmask.masks.apply(model, masks)
     """
     if density is None and not (isinstance(rate, (int, float)) and 0 <= rate < 1):
         raise ValueError(f"rate must lie in [0, 1), got {rate!r}")
@@ -161,6 +167,12 @@ class IMPResult:
     rounds: list[dict]
     masks: list[dict[str, Tensor]]
     rewind_weights: dict[str, Tensor]
+
+    def __repr__(self) -> str:  # the records, never the tensors
+        def accuracy(r):
+            return "-" if r.get("test_accuracy") is None else f"{100 * r['test_accuracy']:.1f}%"
+        rounds = ", ".join(f"{r['density']:.3f}: {accuracy(r)}" for r in self.rounds)
+        return f"IMPResult({len(self.rounds)} rounds, density: test accuracy {{{rounds}}})"
 
 
 @dataclasses.dataclass
@@ -287,6 +299,16 @@ def imp(model: nn.Module, data: DataSplits, rounds: int, rate: float = 0.2, rewi
     Args: see ``IMP``. ``train_points_used`` counts the examples the inner loop (and the rewind
     pretraining) consumed to find each mask. To resume after a crash, or to spread the work over
     torchrun's ranks, run it in a folder: ``fastmask.stages.imp.run_in_folder``.
+
+    The training defaults are ``TrainConfig()``'s (made for CIFAR); on small data pass your own.
+
+    Example::
+
+        ticket = imp(model, splits, rounds=3, inner="distilled", distilled=syn,
+                     inner_cfg=TrainConfig(steps=100, batch_size=100),
+                     retrain_cfg=TrainConfig(epochs=10, batch_size=64, lr=0.05))
+        print(ticket)                          # IMPResult(4 rounds, density: test accuracy {1.000: 97.8%, ...})
+        ticket.masks[-1]                       # the last round's mask, {parameter name: bool tensor}
     """
     strategy = IMP(model, data, rounds, rate, rewind_step, inner, distilled=distilled, subset_fraction=subset_fraction,
                    easy_fraction=easy_fraction, scope=scope, inner_cfg=inner_cfg, retrain_cfg=retrain_cfg, seed=seed,

@@ -296,6 +296,12 @@ class Stack(nn.Module):
 
     ``forward(x)`` takes ``[K, B, ...]`` (a batch per model); ``forward(x, shared=True)`` one
     batch ``[B, ...]`` for all. Other methods of the models (``embed``) work on stacked tensors.
+
+    Example::
+
+        stack = Stack([models.create("convnet3", 10, (1, 8, 8)) for _ in range(4)])
+        logits = stack(torch.randn(4, 32, 1, 8, 8))        # [4, 32, 10]: model k sees batch k
+        first, *others = stack.split()                      # back to K separate models
     """
 
     def __init__(self, models: Sequence[nn.Module]):

@@ -46,24 +46,36 @@ from fastmask.stack import Stack
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Hyperparameters of one training run (defaults: the distillation literature's evaluation)."""
+    """Hyperparameters of one training run (defaults: the distillation literature's evaluation,
+    batch 256 and lr 0.01, made for CIFAR-sized sets; on digits, batch 64 and lr 0.05 train
+    ConvNet-3 to about 97% in 10 epochs).
 
-    optimizer: str = "sgd"  # "sgd" or "adamw"
-    lr: float = 0.01
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    batch_size: int = 256
-    epochs: float = 10.0  # ignored when steps is set
-    steps: int | None = None
-    warmup_steps: int = 0
-    schedule: str = "cosine"  # "constant", "step" (lr x gamma at each milestone) or "cosine"
+    Example::
+
+        cfg = TrainConfig(epochs=10, batch_size=64, lr=0.05)              # augment: None, chosen by the data
+        cifar = TrainConfig(epochs=60, schedule="step", milestones=(0.5, 0.75), augment=True)
+        cfg.total_steps(1437)                                             # 220 steps on digits' training set
+    """
+
+    optimizer: str = "sgd"  # "sgd" (MaskedSGD) or "adamw" (MaskedAdamW)
+    lr: float = 0.01  # the peak learning rate, reached after warmup_steps
+    momentum: float = 0.9  # SGD only
+    nesterov: bool = False  # SGD only
+    weight_decay: float = 5e-4  # SGD: L2 added to the gradient; AdamW: decoupled
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW only
+    batch_size: int = 256  # examples per step and model (capped at the dataset's size); the global batch under torchrun
+    epochs: float = 10.0  # passes over the data (fractions allowed); ignored when steps is set
+    steps: int | None = None  # optimizer steps, instead of epochs
+    warmup_steps: int = 0  # linear warm-up from lr / warmup_steps to lr
+    schedule: str = "cosine"  # "constant", "step" (lr x gamma at each milestone) or "cosine" (to 0)
     milestones: tuple[float, ...] = (0.5,)  # fractions of the run, for "step"
-    gamma: float = 0.1
-    augment: bool = True  # random crop (pad 4) and horizontal flip
-    flip: bool = True
-    label_smoothing: float = 0.0
+    gamma: float = 0.1  # the factor at each milestone, for "step"
+    # Random crop (pad 4) and horizontal flip. None: chosen by the data (``augments``): on for colour
+    # images of at least 32 x 32 (CIFAR, ImageNet-like), off for grey or smaller ones (digits, MNIST,
+    # Fashion-MNIST), where a 4-pixel shift or a mirror image changes or destroys the class.
+    augment: bool | None = None
+    flip: bool = True  # with augment: also mirror images left-right
+    label_smoothing: float = 0.0  # of the cross-entropy's targets
     amp: bool = True  # bf16 autocast on CUDA
     channels_last: bool = True  # on CUDA
     cuda_graph: bool = True  # on CUDA in one process: replay each step's forward and backward from a CUDA graph
@@ -81,6 +93,13 @@ class TrainConfig:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+
+    def augments(self, image_shape: Sequence[int]) -> bool:
+        """Whether training on images of ``image_shape`` ``[C, H, W]`` augments (``augment``, or its rule)."""
+        if self.augment is not None:
+            return self.augment
+        channels, height, width = image_shape
+        return channels == 3 and min(height, width) >= 32
 
     def total_steps(self, dataset_size: int) -> int:
         if self.steps is not None:
@@ -108,6 +127,16 @@ class TrainResult:
     checkpoints: dict[int, dict[str, Tensor]]  # step -> state_dict, for the steps asked for
     metrics: dict[str, float | list[float]]
     examples_seen: int  # training examples consumed per model (the "training points" of a run)
+
+    def __repr__(self) -> str:  # the metrics, never the checkpoints' tensors
+        def short(value):
+            if isinstance(value, (list, tuple)):
+                return "[" + ", ".join(f"{v:.4g}" for v in value) + "]"
+            return f"{value:.4g}" if isinstance(value, float) else repr(value)
+        metrics = ", ".join(f"{k}={short(v)}" for k, v in self.metrics.items())
+        last = f", last loss {self.losses[-1]:.4g}" if self.losses else ""
+        return (f"TrainResult({self.steps} steps, {self.examples_seen} examples seen{last}, "
+                f"checkpoints at {sorted(self.checkpoints)}, {metrics})")
 
 
 # DDP would broadcast every buffer (the masks too) at each step; fit averages the running statistics
@@ -249,7 +278,7 @@ class Checkpoint(Protocol):
 def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int | Sequence[int] = 0, *,
         checkpoint_steps: Sequence[int] = (), checkpoint: Checkpoint | None = None, eval_data: Dataset | None = None,
         progress: bool = True, description: str = "train") -> TrainResult:
-    """Train ``model`` (or a ``Stack``) on ``data`` in place.
+    """Train ``model`` (or a ``Stack``) on ``data`` in place; returns a ``TrainResult``.
 
     Args:
         seed: the data order and augmentation seed; a sequence of K seeds for a stack of K.
@@ -261,6 +290,14 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int | Sequence[
 
     Data parallel when ``fastmask.distributed.active()`` (see the module docstring): call it on
     every rank with the same arguments; the batch size is the global one.
+
+    Example::
+
+        splits = fastmask.data.load("digits")
+        stack = Stack([models.create("convnet3", 10, (1, 8, 8)) for _ in range(4)])
+        result = fit(stack, splits.train, TrainConfig(epochs=10, batch_size=64, lr=0.05), seed=[0, 1, 2, 3],
+                     eval_data=splits.test)
+        result.metrics["test_accuracy"]          # four accuracies, about 0.97 each
     """
     stacked = isinstance(model, Stack)
     seeds = list(seed) if stacked else seed
@@ -275,7 +312,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int | Sequence[
     if channels_last:
         to_channels_last(model)
     batch_size = min(cfg.batch_size, len(data))
-    loader = Loader(data, batch_size, seeds, augment=cfg.augment, flip=cfg.flip)
+    loader = Loader(data, batch_size, seeds, augment=cfg.augments(data.image_shape), flip=cfg.flip)
     total = cfg.total_steps(len(data))
     parallel = distributed.active()
     world, rank = distributed.world_size() if parallel else 1, distributed.rank() if parallel else 0

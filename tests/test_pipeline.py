@@ -129,6 +129,8 @@ def test_ctrl_c_prints_one_line_and_a_rerun_resumes(finished_run, tmp_path):
     assert "interrupted" in stderr and "distill, dense" in stderr and "rerun the same command to resume" in stderr
     finished = cli(*args)
     assert finished.returncode == 0, finished.stderr
+    assert "resuming" in finished.stdout and "distill, dense are finished and kept" in finished.stdout
+    assert "[stage 6/6] hessian done" in finished.stdout and "[stage 1/6]" not in finished.stdout
     expected = without_times(json.loads((finished_run / "results.json").read_text()))
     assert without_times(json.loads((folder / "results.json").read_text())) == expected
 
@@ -152,7 +154,7 @@ def test_bad_config_fails_before_any_work_with_one_line(tmp_path, args, message)
 
 def test_another_config_on_an_existing_folder_is_refused_without_force(finished_run, tmp_path):
     result = cli("run", "--out", str(finished_run), *SHORT, "imp.rate=0.3")
-    assert result.returncode != 0 and "--force" in result.stderr
+    assert result.returncode != 0 and "--force" in result.stderr and "imp.rate: 0.2 -> 0.3" in result.stderr
     config = Path(finished_run / "config.yaml").read_text()
     assert "rate: 0.2" in config
 

@@ -69,6 +69,11 @@ class SyntheticSet:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def __repr__(self) -> str:  # the provenance, never the images
+        return (f"SyntheticSet({self.method} of {self.source}: {len(self)} images {list(self.images.shape[1:])}, "
+                f"{self.images_per_class} per class, {self.num_classes} classes, {self.seconds:.1f} s, "
+                f"zca={self.zca is not None}, device {self.device})")
+
     @property
     def device(self) -> torch.device:
         return self.images.device
@@ -150,7 +155,8 @@ class SyntheticSet:
         axes.set_xticks([])
         axes.set_title(f"{self.source} {self.method}, {self.images_per_class} per class", fontsize=9)
         figure.tight_layout()
-        io.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+        # A tight box: class names longer than the margin tight_layout left are not clipped.
+        io.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
 
 
 def random_real(data: Dataset, images_per_class: int, seed: int = 0) -> SyntheticSet:

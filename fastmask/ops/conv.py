@@ -207,6 +207,12 @@ def stacked_masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Opt
         stride, padding, dilation, groups: as ``F.conv2d``; padding also ``'same'`` / ``'valid'``.
 
     Returns ``[K, N, O, OH, OW]``. One kernel launch covers all K models.
+
+    Example::
+
+        w = torch.randn(4, 16, 3, 3, 3)                  # 4 models' weights [K, O, C, R, S]
+        keep = torch.rand_like(w) > 0.8                  # each model's own mask
+        y = stacked_masked_conv2d(torch.randn(4, 32, 3, 8, 8), w, keep, padding=1)   # [4, 32, 16, 8, 8]
     """
     _check_float("input", input)
     _check_float("weight", weight)

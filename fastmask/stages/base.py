@@ -37,7 +37,7 @@ class Stage:
     ``name``: its key in ``results.json`` (``stages``, ``timings``), its config section and the
     progress line; ``title``: its name for humans (the report's heading); ``files``: what it writes
     in the run folder besides the shared ``checkpoints``, ``plots`` and ``units`` (removed when a run
-    starts over with ``--force``).
+    starts over with ``--force``); ``summary``: the line printed when it ends (its headline numbers).
     """
 
     name: str
@@ -46,6 +46,7 @@ class Stage:
     report: Callable[[dict, "ReportContext"], list[str]]
     config: Optional[type] = None
     files: tuple[str, ...] = ()
+    summary: Optional[Callable[[dict], str]] = None  # its result's headline numbers, in one line
 
 
 @dataclasses.dataclass
@@ -74,11 +75,6 @@ class Context:
         lines = file.read_text() if file.exists() else ""
         io.write_text(file, lines + json.dumps({"time": time.time(), **event}) + "\n")
 
-    def say(self, text: str) -> None:
-        """A log line, when there are no progress bars (``--quiet``), on rank 0."""
-        if not self.progress and distributed.is_main():
-            print(f"[fastmask] {text}", flush=True)
-
     def model_options(self) -> dict:
         """The configured model's options (``model.width``, ``model.norm``) that are set."""
         model = self.cfg.model
@@ -100,6 +96,13 @@ class ReportContext:
     folder: Path
     plots: Path
     results: dict
+
+    def subject(self) -> str:
+        """The words each plot's title ends with (``fastmask.plots.subject``): network, data, run."""
+        from fastmask import plots
+
+        config = self.results["config"]
+        return plots.subject(self.folder, config["model"]["name"], config["data"]["name"])
 
 
 def one_of(key: str, value, choices) -> None:

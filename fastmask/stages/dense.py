@@ -42,4 +42,8 @@ def report(result: dict, ctx: ReportContext) -> list[str]:
     return [f"Test accuracy {100 * result['test_accuracy']:.2f}%.", ""]
 
 
-STAGE = Stage("dense", "Dense network", run, report)
+def summary(result: dict) -> str:
+    return f"test accuracy {100 * result['test_accuracy']:.1f}%"
+
+
+STAGE = Stage("dense", "Dense network", run, report, summary=summary)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -46,7 +47,7 @@ def run(ctx: Context) -> dict:
     return distributed.map_units(imp.NETWORKS, diagonal, ctx.path("units", "hessian"))
 
 
-def _plot(folder, kinds, plot_folder) -> str | None:
+def _plot(folder, kinds, plot_folder, subject: str) -> str | None:
     fig, ax = plots.figure()
     drawn = False
     for kind in kinds:
@@ -55,13 +56,15 @@ def _plot(folder, kinds, plot_folder) -> str | None:
             continue
         values = torch.cat([t.flatten() for t in io.load_tensors(file).values()])
         values = values[values != 0].abs().clamp_min(1e-12).log10()
-        ax.hist(values.numpy(), bins=60, histtype="step", label=kind, color=plots.COLOURS.get(kind), density=True)
+        ax.hist(values.numpy(), bins=60, histtype="step", label=plots.LABELS.get(kind, kind),
+                color=plots.COLOURS.get(kind), weights=np.full(len(values), 1 / len(values)))
         drawn = True
     if not drawn:
         return None
     ax.set_xlabel("log10 |Hessian diagonal entry| (unpruned weights)")
-    ax.set_ylabel("density")
-    ax.legend()
+    ax.set_ylabel("fraction of the network's entries per bin")
+    ax.set_title(f"Hutchinson estimate of the Hessian diagonal\n{subject}", fontsize=10)
+    ax.legend(fontsize=8)
     plots.save(fig, plot_folder / "hessian_diag.png")
     return "hessian_diag.png"
 
@@ -71,8 +74,12 @@ def report(result: dict, ctx: ReportContext) -> list[str]:
     for kind, h in result.items():
         lines.append(f"| {kind} | {h['trace']:.4g} | {h['trace_stderr']:.2g} | {h['diag_mean']:.3g} | "
                      f"{h['diag_max']:.3g} | {h['num_probes']} |")
-    name = _plot(ctx.folder, result, ctx.plots)
+    name = _plot(ctx.folder, result, ctx.plots, ctx.subject())
     return lines + ["", f"![Hessian diagonal]({'plots/' + name})" if name else "", ""]
 
 
-STAGE = Stage("hessian", "Hessian diagonal (Hutchinson)", run, report, config=Config)
+def summary(result: dict) -> str:
+    return "trace " + ", ".join(f"{kind} {h['trace']:.4g} ± {h['trace_stderr']:.2g}" for kind, h in result.items())
+
+
+STAGE = Stage("hessian", "Hessian diagonal (Hutchinson)", run, report, config=Config, summary=summary)

@@ -138,37 +138,44 @@ def network(ctx: Context, kind: str):
     return model, masks, io.load_tensors(folder / "rewind.safetensors", ctx.device)
 
 
-def _plots(imp: dict, dense_result: dict | None, folder: Path) -> list[str]:
+def _plots(imp: dict, dense_result: dict | None, folder: Path, subject: str) -> list[str]:
     fig, ax = plots.figure()
     for kind, rounds in imp.items():
-        ax.plot([r["density"] for r in rounds], [100 * r["test_accuracy"] for r in rounds], "o-", label=kind,
-                color=plots.COLOURS.get(kind))
+        ax.plot([r["density"] for r in rounds], [100 * r["test_accuracy"] for r in rounds], "o-",
+                label=plots.LABELS.get(kind, kind), color=plots.COLOURS.get(kind))
     if dense_result:
-        ax.axhline(100 * dense_result["test_accuracy"], color=plots.COLOURS["dense"], ls="--", label="dense")
+        ax.axhline(100 * dense_result["test_accuracy"], color=plots.COLOURS["dense"], ls="--",
+                   label=plots.LABELS["dense"])
+    densities = [r["density"] for r in imp["real"]]
     ax.set_xscale("log")
+    ax.set_xticks(densities, [f"{d:.3g}" for d in densities])  # one tick per round's density
+    ax.minorticks_off()
     ax.invert_xaxis()
-    ax.set_xlabel("density (fraction of weights kept)")
+    ax.set_xlabel("density (fraction of weights kept; one point per IMP round)")
     ax.set_ylabel("test accuracy after retraining (%)")
-    ax.legend()
+    ax.set_title(f"Accuracy of the retrained masks\n{subject}", fontsize=10)
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     plots.save(fig, folder / "accuracy_vs_density.png")
 
     fig, ax = plots.figure()
     for kind in INNER:
         if kind in imp:
-            ax.plot([r["round"] for r in imp[kind]], [r["train_points_used"] for r in imp[kind]], "o-", label=kind,
-                    color=plots.COLOURS[kind])
-    ax.set_xlabel("IMP round")
-    ax.set_ylabel("training points spent to find the mask")
-    ax.set_yscale("symlog")
-    ax.legend()
+            ax.plot([r["round"] for r in imp[kind]], [r["train_points_used"] for r in imp[kind]], "o-",
+                    label=plots.LABELS[kind], color=plots.COLOURS[kind])
+    ax.set_xticks([r["round"] for r in imp["real"]])
+    ax.set_xlabel("IMP round (0: the dense network)")
+    ax.set_ylabel("training examples seen, cumulative")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
+    ax.set_title(f"Training examples spent to find each mask\n{subject}", fontsize=10)
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     plots.save(fig, folder / "train_points.png")
     return ["accuracy_vs_density.png", "train_points.png"]
 
 
 def report(result: dict, ctx: ReportContext) -> list[str]:
-    names = _plots(result, ctx.results["stages"].get("dense"), ctx.plots)
+    names = _plots(result, ctx.results["stages"].get("dense"), ctx.plots, ctx.subject())
     lines = ["| round | density | " + " | ".join(f"{k} accuracy" for k in result) + " | real points | distilled points |",
              "|---|---|" + "---|" * len(result) + "---|---|"]
     for i, record in enumerate(result["real"]):
@@ -179,5 +186,11 @@ def report(result: dict, ctx: ReportContext) -> list[str]:
     return lines + [""] + [f"![{n}](plots/{n})" for n in names] + [""]
 
 
+def summary(result: dict) -> str:
+    last = {kind: rounds[-1] for kind, rounds in result.items()}
+    accuracies = ", ".join(f"{kind} {100 * r['test_accuracy']:.1f}%" for kind, r in last.items())
+    return f"at density {last['real']['density']:.3f}: {accuracies}"
+
+
 STAGE = Stage("imp", "Iterative magnitude pruning", run, report, config=Config,
-              files=("imp_real", "imp_distilled", "imp_random"))
+              files=("imp_real", "imp_distilled", "imp_random"), summary=summary)

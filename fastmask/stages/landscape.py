@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from fastmask import distributed, landscape, masks as masks_module
+from fastmask import distributed, landscape, masks as masks_module, plots
 from fastmask.stages import imp, lmc
 from fastmask.stages.base import Context, ReportContext, Stage
 
@@ -30,8 +30,11 @@ def run(ctx: Context) -> dict:
         model.load_state_dict(rewind)  # the rewind state holds all-true mask buffers: set the masks after
         start = masks_module.apply(model, masks or {})
         model_a, model_b = lmc.trained_pair(ctx, kind)
-        result = landscape.plane(start, model_a, model_b, ctx.splits.test, grid=grid)
-        result.save_plot(ctx.path("plots", f"landscape_{kind}.png"))
+        result = landscape.plane(start, model_a, model_b, ctx.splits.test, grid=grid, progress=ctx.progress)
+        result.save_plot(ctx.path("plots", f"landscape_{kind}.png"),
+                         title=f"Test loss on the plane of {plots.LABELS.get(kind, kind)}\n"
+                               f"{plots.subject(ctx.folder, ctx.cfg.model.name, ctx.cfg.data.name)}",
+                         markers="w0: the rewind weights (masked); w1, w2: the two copies trained by the lmc stage")
         return result.to_dict()
 
     return distributed.map_units(imp.NETWORKS, plane, ctx.path("units", "landscape"))
@@ -42,4 +45,11 @@ def report(result: dict, ctx: ReportContext) -> list[str]:
     return lines + [f"![landscape {k}](plots/landscape_{k}.png)" for k in result] + [""]
 
 
-STAGE = Stage("landscape", "Loss landscape", run, report, config=Config)
+def summary(result: dict) -> str:
+    def lowest(loss):  # NaN where a grid point diverged
+        return min((v for row in loss for v in row if v == v), default=float("nan"))
+
+    return "lowest test loss on the plane " + ", ".join(f"{kind} {lowest(r['loss']):.3g}" for kind, r in result.items())
+
+
+STAGE = Stage("landscape", "Loss landscape", run, report, config=Config, summary=summary)

@@ -49,7 +49,8 @@ def run(ctx: Context) -> dict:
     def analyse(kind: str) -> dict:  # a unit of work: one rank trains and interpolates the pair alone
         model, masks, rewind = imp.network(ctx, kind)
         result = lmc.instability(model, masks, rewind, ctx.splits, cfg.train, seeds=cfg.lmc.seeds, alphas=cfg.lmc.alphas,
-                                 bn_reset=cfg.lmc.bn_reset and has_batch_norm, progress=ctx.progress)
+                                 bn_reset=cfg.lmc.bn_reset and has_batch_norm, progress=ctx.progress,
+                                 description=f"instability {kind}")
         for name, trained in zip("ab", result.models):
             io.save_tensors(ctx.path("checkpoints", f"lmc_{kind}_{name}.safetensors"), trained.state_dict())
         entry = {"alphas": result.test.alphas, "test_loss": result.test.loss, "test_error": result.test.error,
@@ -69,23 +70,24 @@ def run(ctx: Context) -> dict:
     return out
 
 
-def _plots(result: dict, folder) -> list[str]:
+def _plots(result: dict, folder, subject: str) -> list[str]:
     names = []
     for kind, entry in result.items():
-        fig, axes = plots.figure(1, 2, size=(10, 3.5))
-        for ax, quantity in zip(axes, ("error", "loss")):
+        fig, axes = plots.figure(1, 2, size=(10, 4))
+        for ax, quantity, scale, unit in zip(axes, ("error", "loss"), (100, 1), (" (%)", "")):
             for split, style in (("train", "--"), ("test", "-")):
-                ax.plot(entry["alphas"], entry[f"{split}_{quantity}"], style, label=split,
-                        color=plots.COLOURS.get(kind))
+                ax.plot(entry["alphas"], [scale * v for v in entry[f"{split}_{quantity}"]], style, marker=".",
+                        label=f"{split} data", color=plots.COLOURS.get(kind))
             if "bn_reset" in entry:
-                ax.plot(entry["alphas"], entry["bn_reset"][f"test_{quantity}"], ":", label="test, BN reset",
-                        color="black")
-            ax.set_xlabel("alpha")
-            ax.set_ylabel(quantity)
+                ax.plot(entry["alphas"], [scale * v for v in entry["bn_reset"][f"test_{quantity}"]], ":",
+                        label="test data, BatchNorm statistics recomputed", color="black")
+            ax.set_xlabel("alpha: (1 - alpha) copy a + alpha copy b")
+            ax.set_ylabel(f"{quantity}{unit}")
             ax.grid(alpha=0.3)
-            ax.legend()
-        fig.suptitle(f"{kind} (density {entry['density']:.3f}): barrier {100 * entry['barrier_error']:.2f}% error, "
-                     f"{entry['barrier_loss']:.3f} loss")
+            ax.legend(fontsize=8)
+        fig.suptitle(f"Linear interpolation between two trained copies: {plots.LABELS.get(kind, kind)}, density "
+                     f"{entry['density']:.3f}\ntest barrier {100 * entry['barrier_error']:.2f}% error, "
+                     f"{entry['barrier_loss']:.3f} loss; {subject}", fontsize=10)
         name = f"lmc_{kind}.png"
         plots.save(fig, folder / name)
         names.append(name)
@@ -98,7 +100,11 @@ def report(result: dict, ctx: ReportContext) -> list[str]:
     for kind, entry in result.items():
         lines.append(f"| {kind} | {entry['density']:.4f} | {100 * entry['barrier_error']:.2f}% | "
                      f"{entry['barrier_loss']:.4f} | {100 * entry['train_barrier_error']:.2f}% |")
-    return lines + [""] + [f"![{n}](plots/{n})" for n in _plots(result, ctx.plots)] + [""]
+    return lines + [""] + [f"![{n}](plots/{n})" for n in _plots(result, ctx.plots, ctx.subject())] + [""]
 
 
-STAGE = Stage("lmc", "Linear mode connectivity", run, report, config=Config)
+def summary(result: dict) -> str:
+    return "test error barrier " + ", ".join(f"{kind} {100 * e['barrier_error']:.2f}%" for kind, e in result.items())
+
+
+STAGE = Stage("lmc", "Linear mode connectivity", run, report, config=Config, summary=summary)
