@@ -179,3 +179,24 @@ def test_distillation_network_options():
         load_config(overrides=["distill.depth=0"])
     with pytest.raises(ValueError, match="lr must be > 0"):
         load_config(overrides=["distill.lr=0"])
+
+
+def test_distill_stage_options_reach_the_method(tmp_path):
+    """The stage's config keys reach ``distill.distill``: MTT's expert count and epochs among them."""
+    from types import SimpleNamespace
+
+    from fastmask.config import load_config
+    from fastmask.stages import distill as distill_stage
+
+    def options(*overrides):
+        cfg = load_config(overrides=list(overrides))
+        return distill_stage._method_options(SimpleNamespace(cfg=cfg, progress=False, path=lambda *p: tmp_path.joinpath(*p)))
+
+    assert options("distill.method=random") == {}
+    dm = options("distill.lr=2.5")
+    assert (dm["iterations"], dm["lr"], "experts" not in dm) == (300, 2.5, True)
+    mtt = options("distill.method=mtt", "distill.mtt_experts=3", "distill.mtt_expert_epochs=4")
+    assert (mtt["experts"], mtt["expert_train_epochs"]) == (3, 4)
+    assert mtt["buffer"] == str(tmp_path / "experts" / "buffer")
+    with pytest.raises(ValueError, match="mtt_experts must be >= 1"):
+        load_config(overrides=["distill.mtt_experts=0"])

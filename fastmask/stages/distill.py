@@ -36,6 +36,8 @@ class Config:
     width: int | None = None  # ConvNet width used while distilling (None: the model's)
     depth: int | None = None  # ConvNet depth used while distilling (None: 3, ConvNet-3)
     eval_seeds: int = 3  # networks trained from scratch on the set to report its accuracy
+    mtt_experts: int = 100  # method mtt: expert trajectories trained on real data (kept in experts/)
+    mtt_expert_epochs: int = 50  # method mtt: epochs each expert trains
 
     def __post_init__(self):
         one_of("method", self.method, (*distill.METHODS, "random"))
@@ -43,6 +45,8 @@ class Config:
         positive("num_networks", self.num_networks)
         positive("batch_real", self.batch_real)
         positive("eval_seeds", self.eval_seeds)
+        positive("mtt_experts", self.mtt_experts)
+        positive("mtt_expert_epochs", self.mtt_expert_epochs)
         if self.depth is not None:
             positive("depth", self.depth)
         if self.lr is not None and not self.lr > 0:
@@ -59,17 +63,25 @@ def _distill_model_options(cfg) -> dict:
     return {name: value for name, value in (("width", width), ("depth", cfg.distill.depth)) if value}
 
 
+def _method_options(ctx: Context) -> dict:
+    """The keyword arguments of ``distill.distill`` that the config sets."""
+    cfg = ctx.cfg.distill
+    if cfg.method == "random":
+        return {}
+    options = {"model_options": _distill_model_options(ctx.cfg), "iterations": cfg.iterations,
+               "num_networks": cfg.num_networks, "batch_real": cfg.batch_real, "progress": ctx.progress,
+               **({} if cfg.lr is None else {"lr": cfg.lr})}
+    if cfg.method == "mtt":  # the expert trajectories are kept in the run folder and reused
+        options.update(buffer=str(ctx.path("experts", "buffer")), experts=cfg.mtt_experts,
+                       expert_train_epochs=cfg.mtt_expert_epochs)
+    return options
+
+
 def run(ctx: Context) -> dict:
     cfg = ctx.cfg
     start = time.perf_counter()
-    method_options = {} if cfg.distill.method == "random" else {
-        "model_options": _distill_model_options(cfg), "iterations": cfg.distill.iterations,
-        "num_networks": cfg.distill.num_networks, "batch_real": cfg.distill.batch_real, "progress": ctx.progress,
-        **({} if cfg.distill.lr is None else {"lr": cfg.distill.lr})}
-    if cfg.distill.method == "mtt":  # the expert trajectories are kept in the run folder and reused
-        method_options["buffer"] = str(ctx.path("experts", "buffer"))
     syn = distill.distill(cfg.distill.method, ctx.splits.train, cfg.distill.images_per_class, seed=cfg.seed,
-                          **method_options)
+                          **_method_options(ctx))
     seconds = time.perf_counter() - start
     if distributed.is_main():
         syn.save(ctx.path("distilled.safetensors"))
