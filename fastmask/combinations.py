@@ -16,7 +16,10 @@ With ``in_kernel`` (two models, coefficients ``(1 - alpha, alpha)``) the conv an
 keep the two weight sets and form the K interpolated masked weights inside the kernels
 (``Stack.interpolate_in_kernel``). K is all the combinations unless memory is short: on CUDA the
 chunk comes from the free memory and the measured footprint of one network, on the CPU it is
-``CPU_CHUNK``; the results do not depend on it. Models that do not stack (a layer type ``Stack``
+``CPU_CHUNK``; the results do not depend on it. On the CPU the stack is timed once per shape
+against one plain network at a time (the loop researchers write: ``load_state_dict`` per network)
+and the faster is taken (``_one_at_a_time_is_faster``; a ``chunk`` given by the caller keeps the
+stack): both give the same numbers. Models that do not stack (a layer type ``Stack``
 does not know, or forward code that does not run on ``[K, B, ...]`` tensors: checked on two
 examples against the models themselves) are evaluated one network at a time, with a warning.
 
@@ -34,6 +37,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 from typing import Callable, Optional, Sequence
 
@@ -49,6 +53,9 @@ __all__ = ["check_models", "aligned_sources", "Combinations", "stack_or_none", "
            "MEMORY_FRACTION", "STACK_CHECK_TOLERANCE", "StackFallbackWarning"]
 
 CPU_CHUNK = 16  # combinations per pass on the CPU
+TIMED_NETWORKS = 4  # networks per side when the CPU times the stack against one network at a time
+TIMED_EXAMPLES = 256  # of the first batch, for that timing
+CHOSEN: dict[tuple, bool] = {}  # whether one network at a time is faster, per shape (CPU, this process)
 MEMORY_FRACTION = 0.6  # of the free CUDA memory a chunk may take; the rest covers what one probe cannot see
 # The stack check runs float64 copies on the torch reference path: sums in another order differ
 # by ~1e-15 there, a forward that mixes the models by O(1), whatever backend or TF32 setting.
@@ -249,8 +256,9 @@ def evaluate_combinations(models: Sequence[nn.Module], coefficients: Tensor, dat
     (``coefficients`` ``[K, J]`` float64): the engine of ``fastmask.lmc`` and ``fastmask.landscape``.
 
     ``models`` must already be checked (``check_models``) and aligned (``aligned_sources``). ``data`` and
-    ``bn_reset_data``: as ``fastmask.lmc.interpolate``; ``in_kernel``: see ``Combinations``; ``what``
-    names the networks on the progress bar.
+    ``bn_reset_data``: as ``fastmask.lmc.interpolate``; ``in_kernel``: see ``Combinations``; ``chunk``:
+    networks per stacked pass (given, it also keeps the stack where one network at a time was
+    measured faster); ``what`` names the networks on the progress bar.
     """
     if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
         raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
@@ -260,26 +268,14 @@ def evaluate_combinations(models: Sequence[nn.Module], coefficients: Tensor, dat
     inputs = batches.first()[0]
     K = coefficients.shape[0]
     stack = stack_or_none(models, inputs)
+    if stack is None:
+        return _one_at_a_time(models, coefficients, batches, reset, loss_fn, progress, what)
+    combinations = Combinations(stack, in_kernel)
+    if chunk is None and _one_at_a_time_is_faster(models, combinations, coefficients, inputs, in_kernel):
+        return _one_at_a_time(models, coefficients, batches, reset, loss_fn, progress, what)
+    size = _chunk_size(combinations, coefficients, inputs, chunk)
     losses: list[float] = []
     errors: list[float] = []
-    if stack is None:
-        network = copy.deepcopy(models[0])
-        states = [model.state_dict() for model in models]
-        batch_norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                       and m.track_running_stats]
-        for row in tqdm(coefficients.tolist(), desc=what, disable=not progress, leave=False):
-            network.load_state_dict({name: sum(c * state[name] for c, state in zip(row, states))
-                                     if tensor.is_floating_point() else tensor for name, tensor in states[0].items()})
-            network.eval()
-            forward, _ = forward_of(network)
-            if reset is not None:
-                _recompute_batch_norm(forward, network, batch_norms, reset)
-            loss, error = loss_and_error(forward, 1, batches, loss_fn)
-            losses += loss
-            errors += error
-        return losses, errors
-    combinations = Combinations(stack, in_kernel)
-    size = _chunk_size(combinations, coefficients, inputs, chunk)
     bar = tqdm(total=K, desc=what, disable=not progress, leave=False)
     for start in range(0, K, size):
         part = coefficients[start:start + size]
@@ -293,3 +289,65 @@ def evaluate_combinations(models: Sequence[nn.Module], coefficients: Tensor, dat
         bar.update(part.shape[0])
     bar.close()
     return losses, errors
+
+
+def _combined_network(models: Sequence[nn.Module]) -> tuple[nn.Module, Callable[[Sequence[float]], None]]:
+    """One plain copy of the models' architecture and ``load(row)``, which makes it the network
+    ``sum_j row[j] * models[j]`` (in eval mode)."""
+    network = copy.deepcopy(models[0])
+    states = [model.state_dict() for model in models]
+
+    def load(row):
+        network.load_state_dict({name: sum(c * state[name] for c, state in zip(row, states))
+                                 if tensor.is_floating_point() else tensor for name, tensor in states[0].items()})
+        network.eval()
+
+    return network, load
+
+
+def _one_at_a_time(models, coefficients, batches, reset, loss_fn, progress, what):
+    """The loop researchers write: one plain network per combination (``load_state_dict``), one
+    pass over the data each."""
+    network, load = _combined_network(models)
+    batch_norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                   and m.track_running_stats]
+    losses: list[float] = []
+    errors: list[float] = []
+    for row in tqdm(coefficients.tolist(), desc=what, disable=not progress, leave=False):
+        load(row)
+        forward, _ = forward_of(network)
+        if reset is not None:
+            _recompute_batch_norm(forward, network, batch_norms, reset)
+        loss, error = loss_and_error(forward, 1, batches, loss_fn)
+        losses += loss
+        errors += error
+    return losses, errors
+
+
+def _one_at_a_time_is_faster(models, combinations: Combinations, coefficients: Tensor, inputs: Tensor,
+                             in_kernel: bool) -> bool:
+    """Whether one network at a time beats the stack on this device and shape: on the CPU measured
+    once per (architecture, input shape, ``in_kernel``) and kept in ``CHOSEN`` for the process, by
+    timing a forward of ``TIMED_NETWORKS`` combined networks as one stack against as many forwards
+    of one plain network, on ``TIMED_EXAMPLES`` examples of the first batch, after one warm-up
+    each (outputs thrown away). CUDA stacks (batching fills the device; not measured there)."""
+    if inputs.device.type != "cpu":
+        return False
+    key = (tuple((name, tuple(t.shape)) for name, t in models[0].state_dict().items()), tuple(inputs.shape),
+           in_kernel)
+    if key not in CHOSEN:
+        count = min(TIMED_NETWORKS, coefficients.shape[0])
+        x = inputs[:TIMED_EXAMPLES]
+        stacked = combinations.networks(coefficients[:count])
+        combinations.stack.eval()
+        network, load = _combined_network(models)
+        load(coefficients[0].tolist())
+        seconds = []
+        with torch.no_grad():
+            for run in (lambda: stacked(x), lambda: [network(x) for _ in range(count)]):
+                run()
+                start = time.perf_counter()
+                run()
+                seconds.append(time.perf_counter() - start)
+        CHOSEN[key] = seconds[1] < seconds[0]
+    return CHOSEN[key]

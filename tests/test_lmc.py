@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastmask.models as models
-from fastmask import data, landscape, lmc, ops
+from fastmask import combinations, data, landscape, lmc, ops
 from fastmask.nn import is_masked
 from fastmask.train import TrainConfig, evaluate
 from helpers import assert_close, rel_error
@@ -187,7 +187,11 @@ MODELS = [("convnet", {"width": 8, "norm": "batch"}), ("convnet", {"width": 8, "
 
 @pytest.mark.parametrize("name, options", MODELS, ids=["convnet-bn", "convnet-in", "mlp"])
 @pytest.mark.parametrize("reset", [False, True], ids=["interpolated-stats", "bn-reset"])
-def test_stacked_path_equals_one_eager_evaluation_per_alpha(digits, reset_set, name, options, reset):
+@pytest.mark.parametrize("one_at_a_time", [False, True], ids=["stacked", "one-at-a-time"])
+def test_both_paths_equal_one_eager_evaluation_per_alpha(digits, reset_set, name, options, reset, one_at_a_time,
+                                                         monkeypatch):
+    """The stacked chunks and one network at a time (the CPU's measured choice, forced here)."""
+    monkeypatch.setattr(combinations, "_one_at_a_time_is_faster", lambda *args: one_at_a_time)
     a, b = randomised(name, 0, **options), randomised(name, 1, mask_seed=0, **options)
     alphas = [0.0, 0.2, 0.5, 0.9, 1.0]
     result = lmc.interpolate(a, b, alphas, digits.test, bn_reset_data=reset_set if reset else None)
@@ -228,6 +232,16 @@ def test_a_model_with_itself_is_flat_with_zero_barrier(digits, reset_set, reset)
     assert max(result.loss) - min(result.loss) < 1e-5 * result.loss[0]
     assert len(set(result.error)) == 1
     assert abs(result.barrier_loss) < 1e-5 * result.loss[0] and result.barrier_error == 0
+
+
+def test_cpu_measures_stack_against_one_at_a_time_once_per_shape(digits, monkeypatch):
+    monkeypatch.setattr(combinations, "CHOSEN", {})
+    a, b = randomised("convnet", 5, width=8, norm="batch"), randomised("convnet", 6, width=8, norm="batch")
+    first = lmc.interpolate(a, b, 5, digits.test)
+    (choice,) = combinations.CHOSEN.values()
+    assert isinstance(choice, bool)
+    again = lmc.interpolate(a, b, 5, digits.test)
+    assert len(combinations.CHOSEN) == 1 and again.loss == first.loss
 
 
 def test_results_do_not_depend_on_the_chunk(digits, reset_set):
