@@ -267,11 +267,12 @@ def evaluate_combinations(models: Sequence[nn.Module], coefficients: Tensor, dat
     reset = None if bn_reset_data is None else Batches(bn_reset_data, device, batch_size, "bn_reset_data")
     inputs = batches.first()[0]
     K = coefficients.shape[0]
-    stack = stack_or_none(models, inputs)
+    key = _shape_key(models, inputs, in_kernel)
+    stack = None if chunk is None and CHOSEN.get(key) else stack_or_none(models, inputs)
     if stack is None:
         return _one_at_a_time(models, coefficients, batches, reset, loss_fn, progress, what)
     combinations = Combinations(stack, in_kernel)
-    if chunk is None and _one_at_a_time_is_faster(models, combinations, coefficients, inputs, in_kernel):
+    if chunk is None and _one_at_a_time_is_faster(key, models, combinations, coefficients, inputs):
         return _one_at_a_time(models, coefficients, batches, reset, loss_fn, progress, what)
     size = _chunk_size(combinations, coefficients, inputs, chunk)
     losses: list[float] = []
@@ -324,17 +325,21 @@ def _one_at_a_time(models, coefficients, batches, reset, loss_fn, progress, what
     return losses, errors
 
 
-def _one_at_a_time_is_faster(models, combinations: Combinations, coefficients: Tensor, inputs: Tensor,
-                             in_kernel: bool) -> bool:
+def _shape_key(models, inputs: Tensor, in_kernel: bool) -> tuple:
+    return (inputs.device.type, tuple((name, tuple(t.shape)) for name, t in models[0].state_dict().items()),
+            tuple(inputs.shape), in_kernel)
+
+
+def _one_at_a_time_is_faster(key: tuple, models, combinations: Combinations, coefficients: Tensor,
+                             inputs: Tensor) -> bool:
     """Whether one network at a time beats the stack on this device and shape: on the CPU measured
     once per (architecture, input shape, ``in_kernel``) and kept in ``CHOSEN`` for the process, by
     timing a forward of ``TIMED_NETWORKS`` combined networks as one stack against as many forwards
     of one plain network, on ``TIMED_EXAMPLES`` examples of the first batch, after one warm-up
-    each (outputs thrown away). CUDA stacks (batching fills the device; not measured there)."""
+    each (outputs thrown away). CUDA stacks (batching fills the device; not measured there). Once
+    one network at a time is chosen for a shape, later calls skip building the stack."""
     if inputs.device.type != "cpu":
         return False
-    key = (tuple((name, tuple(t.shape)) for name, t in models[0].state_dict().items()), tuple(inputs.shape),
-           in_kernel)
     if key not in CHOSEN:
         count = min(TIMED_NETWORKS, coefficients.shape[0])
         x = inputs[:TIMED_EXAMPLES]
