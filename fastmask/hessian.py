@@ -12,7 +12,8 @@ so probe p is the same whatever the batching; ``probe_batch`` probes are taken t
 Hessian-vector products formed per device (``_MeanLossHessian``: on the CPU the gradient's graph
 built once per batch and one double backward per probe, on CUDA ``torch.func``'s vmap over
 forward-over-reverse ``jvp(grad)``, each falling back to the next way where an op lacks what it
-needs; every way gives the same products within rounding); z * Hz is folded into running per-entry means and variances in one pass. On CUDA the probes and the
+needs; every way gives the same products within rounding); z * Hz is folded into running
+per-entry means and variances in one pass. On CUDA the probes and the
 accumulation are Triton kernels; elsewhere their torch references, which draw the very same probes
 (``fastmask.ops.hutchinson``).
 
@@ -222,10 +223,10 @@ class _MeanLossHessian:
         """The first batch's products, choosing ``self.mode``: the first mode that works (a warning
         for each that fails), or on the CPU the faster of the first two that work, timed on
         ``TIMED_PROBES`` probes each (fewer in small batches) after one probe of warm-up (the first
-        call of a mode pays one-time costs), the first time a model shape, input shape and dtype are seen (``CHOSEN``,
-        for this process). Timed products are thrown away: the batch is then formed the chosen way,
-        so that results do not depend on the timing. The timing costs up to 34 probes per mode,
-        once per shape."""
+        call of a mode pays one-time costs), the first time a model shape, input shape and dtype
+        are seen (``CHOSEN``, for this process). Timed products are thrown away: the batch is then
+        formed the chosen way, so that results do not depend on the timing. The timing costs up to
+        17 probes' products per mode, once per shape."""
         key = (self.device.type, tuple(map(tuple, self.shapes)), tuple(inputs.shape), self.dtype)
         chosen = self.CHOSEN.get(key)
         pending = sorted(self.modes, key=lambda mode: mode != chosen)  # a choice made earlier first
@@ -290,10 +291,11 @@ class _ProbeBatcher:
     A given ``probe_batch`` is used as is; without one, the CPU takes as many probes as fit in
     ``CPU_PROBE_BYTES`` (``bytes_per_probe``: the probes, their products and a batch's products),
     at least ``CPU_PROBE_BATCH``: its double-backward products build the gradient's graph once per
-    probe batch, so fewer batches cost fewer graphs. CUDA measures: the first two batches hold 1 and 2 probes (real probes, nothing is wasted), their
-    peak memory gives the cost of one more probe, and the rest go in batches that fill
-    ``MEMORY_FRACTION`` of the free memory. This resets CUDA's peak-memory statistics. Should a
-    measured size still run out of memory, the batch is retried at half the size (``shrink``).
+    probe batch, so fewer batches cost fewer graphs. CUDA measures: the first two batches hold
+    1 and 2 probes (real probes, nothing is wasted), their peak memory gives the cost of one more
+    probe, and the rest go in batches that fill ``MEMORY_FRACTION`` of the free memory. This
+    resets CUDA's peak-memory statistics. Should a measured size still run out of memory, the
+    batch is retried at half the size (``shrink``).
     """
 
     CPU_PROBE_BATCH = 16
