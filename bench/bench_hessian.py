@@ -4,14 +4,15 @@ PyHessian's ``trace`` does.
 
 Contenders, each giving the diagonal and the per-probe traces:
 - ``loop``: the baseline above (the graph of the gradient built once, one double backward per probe);
-- ``fastmask``: ``hessian_diag`` as shipped (the products as the device chooses them: double
-  backward per probe on the CPU, vmap over forward-over-reverse on a GPU; on a GPU ``probe_batch``
+- ``fastmask``: ``hessian_diag`` as shipped (the products as ``_MeanLossHessian`` chooses them:
+  double backward per probe on the CPU for all but small models, vmap over forward-over-reverse
+  on a GPU; on a GPU ``probe_batch``
   chosen to fit the free memory, whose peak memory is that fill target, about 80% of what was
   free, by design; on the CPU as many probes per batch as fit in 256 MiB);
 - ``fastmask_probe_batch_8`` (GPU): the same with 8 probes per batch, whose peak memory says what
   the batched products cost;
 - ``fastmask_vmap`` and ``fastmask_double_backward``: the same with the products formed one way
-  on every device (``_MeanLossHessian.MODES``), to check the device's choice of the way.
+  on every device (``_MeanLossHessian``), to check the choice of the way.
 torch.compile of the loop is not a contender: compiled graphs do not support double backward.
 
 Cases: on a GPU 64 probes over a batch of 256 CIFAR-shaped images, ConvNet-3 (instance norm, the
@@ -107,15 +108,15 @@ def model_and_batch(c: HessianCase, device):
 
 
 def with_modes(modes, fn):
-    """``fn`` with the Hessian-vector products formed only by ``modes`` (``_MeanLossHessian``), on
-    every device: to time the way the device does not choose against the one it does."""
+    """``fn`` with the Hessian-vector products formed only by ``modes`` (``_MeanLossHessian``),
+    whatever the device and size: to time the way not chosen against the one chosen."""
     def run():
-        saved = hessian._MeanLossHessian.MODES, hessian._MeanLossHessian.DEFAULT_MODES
-        hessian._MeanLossHessian.MODES, hessian._MeanLossHessian.DEFAULT_MODES = {}, modes
+        saved = hessian._MeanLossHessian.VMAP_MODES, hessian._MeanLossHessian.DOUBLE_BACKWARD_MODES
+        hessian._MeanLossHessian.VMAP_MODES = hessian._MeanLossHessian.DOUBLE_BACKWARD_MODES = modes
         try:
             return fn()
         finally:
-            hessian._MeanLossHessian.MODES, hessian._MeanLossHessian.DEFAULT_MODES = saved
+            hessian._MeanLossHessian.VMAP_MODES, hessian._MeanLossHessian.DOUBLE_BACKWARD_MODES = saved
 
     return run
 

@@ -14,8 +14,8 @@ Contenders, each returning the loss and error at every alpha:
   without saying so, capture_scalar_outputs or not: checked with torch 2.13);
 - ``fastmask``: ``fastmask.lmc.interpolate`` (``landscape.plane`` for the plane) on a
   device-resident dataset, as shipped: on a GPU all alphas in one pass, the interpolated weights
-  formed in the kernels; on the CPU the stack or one alpha at a time, whichever its timing once
-  per shape chose (``fastmask.combinations``). A fall-back to one alpha at a time because the
+  formed in the kernels; on the CPU one alpha at a time (``fastmask.combinations``'
+  ``ONE_AT_A_TIME_DEVICES``). A fall-back to one alpha at a time because the
   models do not stack (``lmc.StackFallbackWarning``) fails the case;
 - ``fastmask_stacked``: the same with all alphas in one stacked pass (``chunk`` given), to check
   the CPU's choice.
@@ -253,7 +253,7 @@ def bench_lmc_interpolate(bench, c):
         return list(zip(result.loss, result.error))
 
     @batched_only
-    def fastmask_stacked():  # a chunk given keeps the stack where the CPU would take one alpha at a time
+    def fastmask_stacked():  # a chunk given keeps the stack where the CPU takes one alpha at a time
         result = lmc.interpolate(model_a, model_b, alphas, splits.test, bn_reset_data=splits.train if c.reset else None,
                                  batch_size=c.batch, chunk=len(alphas))
         return list(zip(result.loss, result.error))

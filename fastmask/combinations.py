@@ -16,10 +16,10 @@ With ``in_kernel`` (two models, coefficients ``(1 - alpha, alpha)``) the conv an
 keep the two weight sets and form the K interpolated masked weights inside the kernels
 (``Stack.interpolate_in_kernel``). K is all the combinations unless memory is short: on CUDA the
 chunk comes from the free memory and the measured footprint of one network, on the CPU it is
-``CPU_CHUNK``; the results do not depend on it. On the CPU the stack is timed once per shape
-against one plain network at a time (the loop researchers write: ``load_state_dict`` per network)
-and the faster is taken (``_one_at_a_time_is_faster``; a ``chunk`` given by the caller keeps the
-stack): both give the same numbers. Models that do not stack (a layer type ``Stack``
+``CPU_CHUNK``; the results do not depend on it. On the CPU (``ONE_AT_A_TIME_DEVICES``) one plain
+network per combination is faster (the loop researchers write: ``load_state_dict`` per network)
+and is taken unless the caller gives a ``chunk``: both give the same numbers within rounding.
+Models that do not stack (a layer type ``Stack``
 does not know, or forward code that does not run on ``[K, B, ...]`` tensors: checked on two
 examples against the models themselves) are evaluated one network at a time, with a warning.
 
@@ -37,7 +37,6 @@ Example::
 from __future__ import annotations
 
 import copy
-import time
 import warnings
 from typing import Callable, Optional, Sequence
 
@@ -53,9 +52,11 @@ __all__ = ["check_models", "aligned_sources", "Combinations", "stack_or_none", "
            "MEMORY_FRACTION", "STACK_CHECK_TOLERANCE", "StackFallbackWarning"]
 
 CPU_CHUNK = 16  # combinations per pass on the CPU
-TIMED_NETWORKS = 4  # networks per side when the CPU times the stack against one network at a time
-TIMED_EXAMPLES = 256  # of the first batch, for that timing
-CHOSEN: dict[tuple, bool] = {}  # whether one network at a time is faster, per shape (CPU, this process)
+# Devices where one plain network per combination beats the stacked chunk: on the 2-core CPU
+# (LMC of 30 alphas on digits, ConvNet-3 width 128, one thread, under load) the stack ran at
+# 0.43-0.6x the loop's speed in this session and lost 2 of 3 runs in issue 22's; a fixed rule,
+# not a timing, so that a rerun gives the same numbers.
+ONE_AT_A_TIME_DEVICES = ("cpu",)
 MEMORY_FRACTION = 0.6  # of the free CUDA memory a chunk may take; the rest covers what one probe cannot see
 # The stack check runs float64 copies on the torch reference path: sums in another order differ
 # by ~1e-15 there, a forward that mixes the models by O(1), whatever backend or TF32 setting.
@@ -257,8 +258,8 @@ def evaluate_combinations(models: Sequence[nn.Module], coefficients: Tensor, dat
 
     ``models`` must already be checked (``check_models``) and aligned (``aligned_sources``). ``data`` and
     ``bn_reset_data``: as ``fastmask.lmc.interpolate``; ``in_kernel``: see ``Combinations``; ``chunk``:
-    networks per stacked pass (given, it also keeps the stack where one network at a time was
-    measured faster); ``what`` names the networks on the progress bar.
+    networks per stacked pass (given, it also keeps the stack on ``ONE_AT_A_TIME_DEVICES``);
+    ``what`` names the networks on the progress bar.
     """
     if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
         raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
@@ -267,13 +268,10 @@ def evaluate_combinations(models: Sequence[nn.Module], coefficients: Tensor, dat
     reset = None if bn_reset_data is None else Batches(bn_reset_data, device, batch_size, "bn_reset_data")
     inputs = batches.first()[0]
     K = coefficients.shape[0]
-    key = _shape_key(models, inputs, in_kernel)
-    stack = None if chunk is None and CHOSEN.get(key) else stack_or_none(models, inputs)
+    stack = None if chunk is None and device.type in ONE_AT_A_TIME_DEVICES else stack_or_none(models, inputs)
     if stack is None:
         return _one_at_a_time(models, coefficients, batches, reset, loss_fn, progress, what)
     combinations = Combinations(stack, in_kernel)
-    if chunk is None and _one_at_a_time_is_faster(key, models, combinations, coefficients, inputs):
-        return _one_at_a_time(models, coefficients, batches, reset, loss_fn, progress, what)
     size = _chunk_size(combinations, coefficients, inputs, chunk)
     losses: list[float] = []
     errors: list[float] = []
@@ -323,36 +321,3 @@ def _one_at_a_time(models, coefficients, batches, reset, loss_fn, progress, what
         losses += loss
         errors += error
     return losses, errors
-
-
-def _shape_key(models, inputs: Tensor, in_kernel: bool) -> tuple:
-    return (inputs.device.type, tuple((name, tuple(t.shape)) for name, t in models[0].state_dict().items()),
-            tuple(inputs.shape), in_kernel)
-
-
-def _one_at_a_time_is_faster(key: tuple, models, combinations: Combinations, coefficients: Tensor,
-                             inputs: Tensor) -> bool:
-    """Whether one network at a time beats the stack on this device and shape: on the CPU measured
-    once per (architecture, input shape, ``in_kernel``) and kept in ``CHOSEN`` for the process, by
-    timing a forward of ``TIMED_NETWORKS`` combined networks as one stack against as many forwards
-    of one plain network, on ``TIMED_EXAMPLES`` examples of the first batch, after one warm-up
-    each (outputs thrown away). CUDA stacks (batching fills the device; not measured there). Once
-    one network at a time is chosen for a shape, later calls skip building the stack."""
-    if inputs.device.type != "cpu":
-        return False
-    if key not in CHOSEN:
-        count = min(TIMED_NETWORKS, coefficients.shape[0])
-        x = inputs[:TIMED_EXAMPLES]
-        stacked = combinations.networks(coefficients[:count])
-        combinations.stack.eval()
-        network, load = _combined_network(models)
-        load(coefficients[0].tolist())
-        seconds = []
-        with torch.no_grad():
-            for run in (lambda: stacked(x), lambda: [network(x) for _ in range(count)]):
-                run()
-                start = time.perf_counter()
-                run()
-                seconds.append(time.perf_counter() - start)
-        CHOSEN[key] = seconds[1] < seconds[0]
-    return CHOSEN[key]

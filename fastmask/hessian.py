@@ -9,9 +9,9 @@ each estimate comes with its standard error over the probes.
 How it runs: probes are drawn from a counter-based generator (Philox4x32-10 keyed by the seed,
 each draw's 128 bits giving 128 entries),
 so probe p is the same whatever the batching; ``probe_batch`` probes are taken together, their
-Hessian-vector products formed per device (``_MeanLossHessian``: on the CPU the gradient's graph
-built once per batch and one double backward per probe, on CUDA ``torch.func``'s vmap over
-forward-over-reverse ``jvp(grad)``, each falling back to the next way where an op lacks what it
+Hessian-vector products formed per device and size (``_MeanLossHessian``: on the CPU for all but
+small models the gradient's graph built once per batch and one double backward per probe,
+otherwise ``torch.func``'s vmap over forward-over-reverse ``jvp(grad)``, each falling back to the next way where an op lacks what it
 needs; every way gives the same products within rounding); z * Hz is folded into running
 per-entry means and variances in one pass. On CUDA the probes and the
 accumulation are Triton kernels; elsewhere their torch references, which draw the very same probes
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
@@ -98,32 +97,31 @@ class _MeanLossHessian:
     applied to flat vectors: ``apply(v)`` maps [P, n] to [P, n], entries in ``named_parameters``
     order. The model must already be in eval mode.
 
-    The ways to form the products (``MODES``), per device, tried in order on the first batch (the
-    next one where a mode fails for some op of the model):
+    The ways to form the products, tried in order on the first batch (the next one where a mode
+    fails for some op of the model), the order chosen by a fixed rule so that a rerun gives the
+    same numbers (a timed choice could flip between runs):
 
     - ``double-backward``: the gradient's graph built once per batch (one forward and one backward
       with ``create_graph``), then one double backward per probe: the loop researchers write
-      (PyHessian), without their host sync per probe. On the 2-core CPU it was 2-3x faster than
-      vmap for ConvNet-3 width 128 on digits (32 probes, one thread; A/B under load), where vmap
-      adds batched elementwise work (normalisation double backward, mask multiplies) and batching
-      the convolutions gains little; for tiny models vmap wins (the loop's cost is then Python's
-      per probe), hence the measured choice below;
+      (PyHessian), without their host sync per probe. First on the CPU for models of at least
+      ``CPU_DOUBLE_BACKWARD_ENTRIES`` trainable entries: for ConvNet-3 width 128 on digits (32
+      probes, one thread; A/B under load) it was 2.5x faster than vmap, which adds batched
+      elementwise work (normalisation double backward, mask multiplies) while batching the
+      convolutions gains little; for tiny models vmap wins (the loop's cost is then Python's);
     - ``forward-over-reverse``: ``torch.func`` vmap over ``jvp(grad)`` (as curvlinops): every probe
-      of a batch in one product, CUDA's choice, where batching fills the device (not measured
-      there: CUDA's first probe batches hold 1 and 2 probes, too few to time batching);
+      of a batch in one product; first on CUDA (not measured there), where batching fills the
+      device, and for small models on the CPU;
     - ``reverse-over-reverse``: vmap over ``vjp(grad)``, for ops without forward-mode AD.
-    On the CPU the first two modes that work are timed against each other on the first batch
-    (``_first_products``) and the faster kept, once per shape; CUDA takes the first that works.
     ``torch.autograd.grad(..., is_grads_batched=True)`` is not a mode: its legacy vmap fails on
     ConvNet-3's ops (torch 2.13).
     """
 
-    MODES = {"cuda": ("forward-over-reverse", "reverse-over-reverse")}
-    DEFAULT_MODES = ("double-backward", "forward-over-reverse", "reverse-over-reverse")
-    # per mode when the CPU times two: vmap's fixed cost per call is large, so too few probes
-    # favour the loop wrongly (4 did, on tiny models where vmap is 10x faster per probe at 50)
-    TIMED_PROBES = 16
-    CHOSEN: dict[tuple, str] = {}  # the measured mode per (device type, parameter shapes, input shape, dtype)
+    VMAP_MODES = ("forward-over-reverse", "reverse-over-reverse", "double-backward")
+    DOUBLE_BACKWARD_MODES = ("double-backward", "forward-over-reverse", "reverse-over-reverse")
+    # trainable entries from which the CPU forms products by double backward: measured (one
+    # thread, under load) at ~100 entries vmap was 10x faster per probe, at 298,506 (ConvNet-3
+    # width 128) double backward 2.5x; the crossover between is not measured
+    CPU_DOUBLE_BACKWARD_ENTRIES = 10_000
 
     def __init__(self, model: nn.Module, loss_fn: Callable, data: Iterable):
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -155,7 +153,8 @@ class _MeanLossHessian:
         if any(m is not None for m in masks):
             self.mask = torch.cat([(torch.ones_like(p, dtype=torch.bool) if m is None else m).reshape(-1)
                                    for (_, p), m in zip(named, masks)])
-        self.modes = self.MODES.get(self.device.type, self.DEFAULT_MODES)
+        double_backward = self.device.type == "cpu" and self.n >= self.CPU_DOUBLE_BACKWARD_ENTRIES
+        self.modes = self.DOUBLE_BACKWARD_MODES if double_backward else self.VMAP_MODES
         self.mode = None  # the first of self.modes that works on the first batch
 
     def unflatten(self, flat: Tensor, copy: bool = False) -> dict[str, Tensor]:
@@ -215,51 +214,23 @@ class _MeanLossHessian:
         return torch.cat([products[name].reshape(len(vectors), -1).to(self.dtype) for name in self.names], dim=1)
 
     def _products(self, inputs, targets, vectors: Tensor) -> Tensor:
-        if self.mode is None:
-            return self._first_products(inputs, targets, vectors)
+        if self.mode is None:  # the first batch chooses: the first mode that works
+            self.mode, out = self._working_mode(inputs, targets, vectors, list(self.modes))
+            return out
         return self._batch_products(inputs, targets, vectors, self.mode)
 
-    def _first_products(self, inputs, targets, vectors: Tensor) -> Tensor:
-        """The first batch's products, choosing ``self.mode``: the first mode that works (a warning
-        for each that fails), or on the CPU the faster of the first two that work, timed on
-        ``TIMED_PROBES`` probes each (fewer in small batches) after one probe of warm-up (the first
-        call of a mode pays one-time costs), the first time a model shape, input shape and dtype
-        are seen (``CHOSEN``, for this process). Timed products are thrown away: the batch is then
-        formed the chosen way, so that results do not depend on the timing. The timing costs up to
-        17 probes' products per mode, once per shape."""
-        key = (self.device.type, tuple(map(tuple, self.shapes)), tuple(inputs.shape), self.dtype)
-        chosen = self.CHOSEN.get(key)
-        pending = sorted(self.modes, key=lambda mode: mode != chosen)  # a choice made earlier first
-        timed = min(self.TIMED_PROBES, (len(vectors) - 1) // 2)
-        if chosen is None and self.device.type == "cpu" and timed > 0:
-            first, _ = self._working_mode(inputs, targets, vectors[:1], pending)
-            if pending:
-                second, _ = self._working_mode(inputs, targets, vectors[:1], pending, last=first)
-                if second != first:
-                    seconds = {}
-                    for mode in (first, second):
-                        start = time.perf_counter()
-                        self._batch_products(inputs, targets, vectors[1:1 + timed], mode)
-                        seconds[mode] = time.perf_counter() - start
-                    first = self.CHOSEN[key] = min(seconds, key=seconds.get)
-            pending = [first]
-        self.mode, out = self._working_mode(inputs, targets, vectors, pending)
-        return out
-
-    def _working_mode(self, inputs, targets, vectors: Tensor, pending: list[str], last: Optional[str] = None):
-        """(mode, products): the first of ``pending`` (taken off it) that works on this batch, with a
-        warning for each that fails; when none does, ``last`` (a mode known to work), else the error."""
-        while True:
-            mode = pending.pop(0) if pending else last
+    def _working_mode(self, inputs, targets, vectors: Tensor, pending: list[str]) -> tuple[str, Tensor]:
+        """(mode, products): the first of ``pending`` that works on this batch, with a warning for
+        each that fails; the last one's error when none does."""
+        for mode, fallback in zip(pending, pending[1:]):
             try:
                 return mode, self._batch_products(inputs, targets, vectors, mode)
             except torch.cuda.OutOfMemoryError:
                 raise
             except RuntimeError as err:  # an op without a double backward, a forward-mode derivative or a vmap rule
-                if not pending and (last is None or mode == last):
-                    raise
-                warnings.warn(f"{mode} Hessian-vector products failed ({err}); using {pending[0] if pending else last}",
-                              RuntimeWarning, stacklevel=6)
+                warnings.warn(f"{mode} Hessian-vector products failed ({err}); using {fallback}",
+                              RuntimeWarning, stacklevel=5)
+        return pending[-1], self._batch_products(inputs, targets, vectors, pending[-1])
 
     def apply(self, vectors: Tensor) -> Tensor:
         """H v for each row v of ``vectors`` [P, n] (in ``self.dtype``), as [P, n] in ``self.dtype``."""

@@ -316,7 +316,7 @@ class Square(nn.Module):
 
 
 def test_falls_back_to_reverse_over_reverse(monkeypatch):
-    monkeypatch.setattr(hessian._MeanLossHessian, "DEFAULT_MODES", ("forward-over-reverse", "reverse-over-reverse"))
+    monkeypatch.setattr(hessian._MeanLossHessian, "VMAP_MODES", ("forward-over-reverse", "reverse-over-reverse"))
     batches = classification_batches((6,))
     plain = mlp()
     plain[1] = Square(custom=False)
@@ -340,8 +340,8 @@ def test_every_product_mode_gives_the_same_estimate(monkeypatch, masked):
         prune.random_unstructured(model[5], "weight", amount=0.3)
     batches = classification_batches((2, 4, 4), sizes=(6, 3))
     results = {}
-    for mode in hessian._MeanLossHessian.DEFAULT_MODES:
-        monkeypatch.setattr(hessian._MeanLossHessian, "DEFAULT_MODES", (mode,))
+    for mode in hessian._MeanLossHessian.VMAP_MODES:
+        monkeypatch.setattr(hessian._MeanLossHessian, "VMAP_MODES", (mode,))
         results[mode] = hessian_diag(model, cross_entropy, batches, num_probes=10, probe_batch=4, seed=2)
     first = results.pop("double-backward")
     assert first.num_entries < sum(p.numel() for p in model.parameters()) or not masked
@@ -351,19 +351,13 @@ def test_every_product_mode_gives_the_same_estimate(monkeypatch, masked):
         assert other.trace == pytest.approx(first.trace, rel=1e-12)
 
 
-def test_cpu_measures_its_way_once_per_shape(monkeypatch):
-    """The CPU times double backward against vmap on the first batch's probes and keeps the faster
-    for that shape; CUDA takes vmap (forward-over-reverse) without timing."""
-    monkeypatch.setattr(hessian._MeanLossHessian, "CHOSEN", {})
+def test_cpu_takes_double_backward_for_all_but_small_models(monkeypatch):
     model = mlp()
     batches = classification_batches((6,))
-    first = hessian_diag(model, cross_entropy, batches, num_probes=6, seed=7)
-    (key, chosen), = hessian._MeanLossHessian.CHOSEN.items()
-    assert key[0] == "cpu" and chosen in ("double-backward", "forward-over-reverse")
-    again = hessian_diag(model, cross_entropy, batches, num_probes=6, seed=7)  # the cached choice, not timed
-    torch.testing.assert_close(flat(again.diag), flat(first.diag), rtol=1e-10, atol=1e-12)
-    assert len(hessian._MeanLossHessian.CHOSEN) == 1
-    assert hessian._MeanLossHessian.MODES["cuda"][0] == "forward-over-reverse"
+    n = sum(p.numel() for p in model.parameters())
+    assert hessian._MeanLossHessian(model, cross_entropy, batches).modes[0] == "forward-over-reverse"
+    monkeypatch.setattr(hessian._MeanLossHessian, "CPU_DOUBLE_BACKWARD_ENTRIES", n)
+    assert hessian._MeanLossHessian(model, cross_entropy, batches).modes[0] == "double-backward"
 
 
 def test_triton_path_matches_torch_path(triton_backend, monkeypatch):

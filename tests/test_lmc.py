@@ -178,6 +178,13 @@ def randomised(name, seed, shape=(1, 8, 8), density=0.7, mask_seed=None, **optio
     return model
 
 
+@pytest.fixture(autouse=True)
+def stacked_on_the_cpu(monkeypatch):
+    """The stacked path (CUDA's) everywhere in this file unless a test says otherwise: the CPU's
+    one network at a time is the eager loop the tests compare with."""
+    monkeypatch.setattr(combinations, "ONE_AT_A_TIME_DEVICES", ())
+
+
 MODELS = [("convnet", {"width": 8, "norm": "batch"}), ("convnet", {"width": 8, "norm": "instance"}),
           ("mlp", {"hidden": (32,)})]
 
@@ -190,8 +197,8 @@ MODELS = [("convnet", {"width": 8, "norm": "batch"}), ("convnet", {"width": 8, "
 @pytest.mark.parametrize("one_at_a_time", [False, True], ids=["stacked", "one-at-a-time"])
 def test_both_paths_equal_one_eager_evaluation_per_alpha(digits, reset_set, name, options, reset, one_at_a_time,
                                                          monkeypatch):
-    """The stacked chunks and one network at a time (the CPU's measured choice, forced here)."""
-    monkeypatch.setattr(combinations, "_one_at_a_time_is_faster", lambda *args: one_at_a_time)
+    """The stacked chunks (CUDA's way) and one network at a time (the CPU's), each forced here."""
+    monkeypatch.setattr(combinations, "ONE_AT_A_TIME_DEVICES", ("cpu",) if one_at_a_time else ())
     a, b = randomised(name, 0, **options), randomised(name, 1, mask_seed=0, **options)
     alphas = [0.0, 0.2, 0.5, 0.9, 1.0]
     result = lmc.interpolate(a, b, alphas, digits.test, bn_reset_data=reset_set if reset else None)
@@ -232,16 +239,6 @@ def test_a_model_with_itself_is_flat_with_zero_barrier(digits, reset_set, reset)
     assert max(result.loss) - min(result.loss) < 1e-5 * result.loss[0]
     assert len(set(result.error)) == 1
     assert abs(result.barrier_loss) < 1e-5 * result.loss[0] and result.barrier_error == 0
-
-
-def test_cpu_measures_stack_against_one_at_a_time_once_per_shape(digits, monkeypatch):
-    monkeypatch.setattr(combinations, "CHOSEN", {})
-    a, b = randomised("convnet", 5, width=8, norm="batch"), randomised("convnet", 6, width=8, norm="batch")
-    first = lmc.interpolate(a, b, 5, digits.test)
-    (choice,) = combinations.CHOSEN.values()  # whichever won here
-    assert isinstance(choice, bool)
-    again = lmc.interpolate(a, b, 5, digits.test)
-    assert len(combinations.CHOSEN) == 1 and again.loss == first.loss
 
 
 def test_results_do_not_depend_on_the_chunk(digits, reset_set):
