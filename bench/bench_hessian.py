@@ -4,13 +4,15 @@ PyHessian's ``trace`` does.
 
 Contenders, each giving the diagonal and the per-probe traces:
 - ``loop``: the baseline above (the graph of the gradient built once, one double backward per probe);
-- ``fastmask``: ``hessian_diag`` as shipped (forward-over-reverse; on a GPU ``probe_batch`` chosen
-  to fit the free memory, whose peak memory is that fill target, about 80% of what was free, by
-  design; 16 probes per batch on the CPU);
+- ``fastmask``: ``hessian_diag`` as shipped (the products as ``_MeanLossHessian`` chooses them:
+  double backward per probe on the CPU for all but small models, vmap over forward-over-reverse
+  on a GPU; on a GPU ``probe_batch``
+  chosen to fit the free memory, whose peak memory is that fill target, about 80% of what was
+  free, by design; on the CPU as many probes per batch as fit in 256 MiB);
 - ``fastmask_probe_batch_8`` (GPU): the same with 8 probes per batch, whose peak memory says what
   the batched products cost;
-- ``fastmask_reverse``: the same with reverse-over-reverse products (``_MeanLossHessian.MODES``),
-  to see which kind of product the default should be on this device.
+- ``fastmask_vmap`` and ``fastmask_double_backward``: the same with the products formed one way
+  on every device (``_MeanLossHessian``), to check the choice of the way.
 torch.compile of the loop is not a contender: compiled graphs do not support double backward.
 
 Cases: on a GPU 64 probes over a batch of 256 CIFAR-shaped images, ConvNet-3 (instance norm, the
@@ -105,14 +107,16 @@ def model_and_batch(c: HessianCase, device):
     return model, x, y
 
 
-def _reverse_over_reverse(fn):
+def with_modes(modes, fn):
+    """``fn`` with the Hessian-vector products formed only by ``modes`` (``_MeanLossHessian``),
+    whatever the device and size: to time the way not chosen against the one chosen."""
     def run():
-        modes = hessian._MeanLossHessian.MODES
-        hessian._MeanLossHessian.MODES = ("reverse-over-reverse",)
+        saved = hessian._MeanLossHessian.VMAP_MODES, hessian._MeanLossHessian.DOUBLE_BACKWARD_MODES
+        hessian._MeanLossHessian.VMAP_MODES = hessian._MeanLossHessian.DOUBLE_BACKWARD_MODES = modes
         try:
             return fn()
         finally:
-            hessian._MeanLossHessian.MODES = modes
+            hessian._MeanLossHessian.VMAP_MODES, hessian._MeanLossHessian.DOUBLE_BACKWARD_MODES = saved
 
     return run
 
@@ -126,7 +130,8 @@ def bench_hessian_diag(bench, c):
         return hessian_diag(model, F.cross_entropy, batches, num_probes=c.probes, seed=0)
 
     contenders = {"loop": lambda: one_probe_at_a_time(model, x, y, c.probes), "fastmask": fastmask,
-                  "fastmask_reverse": _reverse_over_reverse(fastmask)}
+                  "fastmask_vmap": with_modes(("forward-over-reverse",), fastmask),
+                  "fastmask_double_backward": with_modes(("double-backward",), fastmask)}
     if bench.kind != "cpu":  # what a batch of 8 probes costs in memory: a GPU's question
         contenders["fastmask_probe_batch_8"] = lambda: hessian_diag(model, F.cross_entropy, batches,
                                                                     num_probes=c.probes, probe_batch=8, seed=0)

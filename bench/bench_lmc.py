@@ -13,8 +13,12 @@ Contenders, each returning the loss and error at every alpha:
   which dynamo cannot trace inside vmap (a graph break that would drop the whole function to eager
   without saying so, capture_scalar_outputs or not: checked with torch 2.13);
 - ``fastmask``: ``fastmask.lmc.interpolate`` (``landscape.plane`` for the plane) on a
-  device-resident dataset: all alphas in one pass, on a GPU the interpolated weights formed in
-  the kernels. A fall-back to one alpha at a time (``lmc.StackFallbackWarning``) fails the case.
+  device-resident dataset, as shipped: on a GPU all alphas in one pass, the interpolated weights
+  formed in the kernels; on the CPU one alpha at a time (``fastmask.combinations``'
+  ``ONE_AT_A_TIME_DEVICES``). A fall-back to one alpha at a time because the
+  models do not stack (``lmc.StackFallbackWarning``) fails the case;
+- ``fastmask_stacked``: the same with all alphas in one stacked pass (``chunk`` given), to check
+  the CPU's choice.
 
 Cases: on a GPU 10,000 CIFAR-shaped images (3 x 32 x 32), ConvNet-3 (instance norm, and batch
 norm with and without reset) and ResNet-18 (with and without reset), batches of 1000, a 21 x 21
@@ -248,7 +252,14 @@ def bench_lmc_interpolate(bench, c):
                                  batch_size=c.batch)
         return list(zip(result.loss, result.error))
 
-    contenders = {"loop": loop, "vmap_compiled": vmap_compiled, "fastmask": fastmask}
+    @batched_only
+    def fastmask_stacked():  # a chunk given keeps the stack where the CPU takes one alpha at a time
+        result = lmc.interpolate(model_a, model_b, alphas, splits.test, bn_reset_data=splits.train if c.reset else None,
+                                 batch_size=c.batch, chunk=len(alphas))
+        return list(zip(result.loss, result.error))
+
+    contenders = {"loop": loop, "vmap_compiled": vmap_compiled, "fastmask": fastmask,
+                  "fastmask_stacked": fastmask_stacked}
     times = bench.measure(contenders, compiled=["vmap_compiled"], whole_runs=True, smoke_compiled=c.smoke_compiled)
     reference = loop()
     agreement = {name: worst_difference(contenders[name](), reference) for name in times if name != "loop"}

@@ -16,7 +16,10 @@ With ``in_kernel`` (two models, coefficients ``(1 - alpha, alpha)``) the conv an
 keep the two weight sets and form the K interpolated masked weights inside the kernels
 (``Stack.interpolate_in_kernel``). K is all the combinations unless memory is short: on CUDA the
 chunk comes from the free memory and the measured footprint of one network, on the CPU it is
-``CPU_CHUNK``; the results do not depend on it. Models that do not stack (a layer type ``Stack``
+``CPU_CHUNK``; the results do not depend on it. On the CPU (``ONE_AT_A_TIME_DEVICES``) one plain
+network per combination is faster (the loop researchers write: ``load_state_dict`` per network)
+and is taken unless the caller gives a ``chunk``: both give the same numbers within rounding.
+Models that do not stack (a layer type ``Stack``
 does not know, or forward code that does not run on ``[K, B, ...]`` tensors: checked on two
 examples against the models themselves) are evaluated one network at a time, with a warning.
 
@@ -49,6 +52,11 @@ __all__ = ["check_models", "aligned_sources", "Combinations", "stack_or_none", "
            "MEMORY_FRACTION", "STACK_CHECK_TOLERANCE", "StackFallbackWarning"]
 
 CPU_CHUNK = 16  # combinations per pass on the CPU
+# Devices where one plain network per combination beats the stacked chunk: on the 2-core CPU
+# (LMC of 30 alphas on digits, ConvNet-3 width 128, one thread, under load) the stack ran at
+# 0.43-0.6x the loop's speed in this session and lost 2 of 3 runs in issue 22's; a fixed rule,
+# not a timing, so that a rerun gives the same numbers.
+ONE_AT_A_TIME_DEVICES = ("cpu",)
 MEMORY_FRACTION = 0.6  # of the free CUDA memory a chunk may take; the rest covers what one probe cannot see
 # The stack check runs float64 copies on the torch reference path: sums in another order differ
 # by ~1e-15 there, a forward that mixes the models by O(1), whatever backend or TF32 setting.
@@ -249,8 +257,9 @@ def evaluate_combinations(models: Sequence[nn.Module], coefficients: Tensor, dat
     (``coefficients`` ``[K, J]`` float64): the engine of ``fastmask.lmc`` and ``fastmask.landscape``.
 
     ``models`` must already be checked (``check_models``) and aligned (``aligned_sources``). ``data`` and
-    ``bn_reset_data``: as ``fastmask.lmc.interpolate``; ``in_kernel``: see ``Combinations``; ``what``
-    names the networks on the progress bar.
+    ``bn_reset_data``: as ``fastmask.lmc.interpolate``; ``in_kernel``: see ``Combinations``; ``chunk``:
+    networks per stacked pass (given, it also keeps the stack on ``ONE_AT_A_TIME_DEVICES``);
+    ``what`` names the networks on the progress bar.
     """
     if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
         raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
@@ -259,27 +268,13 @@ def evaluate_combinations(models: Sequence[nn.Module], coefficients: Tensor, dat
     reset = None if bn_reset_data is None else Batches(bn_reset_data, device, batch_size, "bn_reset_data")
     inputs = batches.first()[0]
     K = coefficients.shape[0]
-    stack = stack_or_none(models, inputs)
-    losses: list[float] = []
-    errors: list[float] = []
+    stack = None if chunk is None and device.type in ONE_AT_A_TIME_DEVICES else stack_or_none(models, inputs)
     if stack is None:
-        network = copy.deepcopy(models[0])
-        states = [model.state_dict() for model in models]
-        batch_norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                       and m.track_running_stats]
-        for row in tqdm(coefficients.tolist(), desc=what, disable=not progress, leave=False):
-            network.load_state_dict({name: sum(c * state[name] for c, state in zip(row, states))
-                                     if tensor.is_floating_point() else tensor for name, tensor in states[0].items()})
-            network.eval()
-            forward, _ = forward_of(network)
-            if reset is not None:
-                _recompute_batch_norm(forward, network, batch_norms, reset)
-            loss, error = loss_and_error(forward, 1, batches, loss_fn)
-            losses += loss
-            errors += error
-        return losses, errors
+        return _one_at_a_time(models, coefficients, batches, reset, loss_fn, progress, what)
     combinations = Combinations(stack, in_kernel)
     size = _chunk_size(combinations, coefficients, inputs, chunk)
+    losses: list[float] = []
+    errors: list[float] = []
     bar = tqdm(total=K, desc=what, disable=not progress, leave=False)
     for start in range(0, K, size):
         part = coefficients[start:start + size]
@@ -292,4 +287,37 @@ def evaluate_combinations(models: Sequence[nn.Module], coefficients: Tensor, dat
         errors += error
         bar.update(part.shape[0])
     bar.close()
+    return losses, errors
+
+
+def _combined_network(models: Sequence[nn.Module]) -> tuple[nn.Module, Callable[[Sequence[float]], None]]:
+    """One plain copy of the models' architecture and ``load(row)``, which makes it the network
+    ``sum_j row[j] * models[j]`` (in eval mode)."""
+    network = copy.deepcopy(models[0])
+    states = [model.state_dict() for model in models]
+
+    def load(row):
+        network.load_state_dict({name: sum(c * state[name] for c, state in zip(row, states))
+                                 if tensor.is_floating_point() else tensor for name, tensor in states[0].items()})
+        network.eval()
+
+    return network, load
+
+
+def _one_at_a_time(models, coefficients, batches, reset, loss_fn, progress, what):
+    """The loop researchers write: one plain network per combination (``load_state_dict``), one
+    pass over the data each."""
+    network, load = _combined_network(models)
+    batch_norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                   and m.track_running_stats]
+    losses: list[float] = []
+    errors: list[float] = []
+    for row in tqdm(coefficients.tolist(), desc=what, disable=not progress, leave=False):
+        load(row)
+        forward, _ = forward_of(network)
+        if reset is not None:
+            _recompute_batch_norm(forward, network, batch_norms, reset)
+        loss, error = loss_and_error(forward, 1, batches, loss_fn)
+        losses += loss
+        errors += error
     return losses, errors

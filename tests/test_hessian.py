@@ -253,8 +253,8 @@ def test_probe_batch_that_runs_out_of_memory_is_retried_smaller(monkeypatch):
     batches = classification_batches((2, 4, 4), sizes=(6, 3))
 
     class MeasuredBatcher(hessian._ProbeBatcher):
-        def __init__(self, probe_batch, num_probes, device):
-            super().__init__(None, num_probes, torch.device("cuda"))
+        def __init__(self, probe_batch, num_probes, device, **sizes):
+            super().__init__(None, num_probes, torch.device("cuda"), **sizes)
             self.measuring, self.peaks, self.size = False, [(1, 0), (2, 0)], 8  # as if 8 probes fit
 
     accumulate, sizes = hessian.accumulate_probes, []
@@ -315,7 +315,8 @@ class Square(nn.Module):
         return SquareWithoutVmap.apply(x) if self.custom else x * x
 
 
-def test_falls_back_to_reverse_over_reverse():
+def test_falls_back_to_reverse_over_reverse(monkeypatch):
+    monkeypatch.setattr(hessian._MeanLossHessian, "VMAP_MODES", ("forward-over-reverse", "reverse-over-reverse"))
     batches = classification_batches((6,))
     plain = mlp()
     plain[1] = Square(custom=False)
@@ -330,13 +331,33 @@ def test_falls_back_to_reverse_over_reverse():
     assert got_top == pytest.approx(top_eigenvalue(plain, cross_entropy, batches, iters=30, seed=1), rel=1e-10)
 
 
-def test_both_product_modes_agree(monkeypatch):
+@pytest.mark.parametrize("masked", [False, True])
+def test_every_product_mode_gives_the_same_estimate(monkeypatch, masked):
+    """Double backward per probe (the CPU's way) and both vmapped ways (CUDA's): one diagonal."""
     model = conv_net()
+    if masked:
+        prune.random_unstructured(model[0], "weight", amount=0.4)
+        prune.random_unstructured(model[5], "weight", amount=0.3)
     batches = classification_batches((2, 4, 4), sizes=(6, 3))
-    forward = hessian_diag(model, cross_entropy, batches, num_probes=10, seed=2)
-    monkeypatch.setattr(hessian._MeanLossHessian, "MODES", ("reverse-over-reverse",))
-    reverse = hessian_diag(model, cross_entropy, batches, num_probes=10, seed=2)
-    torch.testing.assert_close(flat(reverse.diag), flat(forward.diag), rtol=1e-10, atol=1e-12)
+    results = {}
+    for mode in hessian._MeanLossHessian.VMAP_MODES:
+        monkeypatch.setattr(hessian._MeanLossHessian, "VMAP_MODES", (mode,))
+        results[mode] = hessian_diag(model, cross_entropy, batches, num_probes=10, probe_batch=4, seed=2)
+    first = results.pop("double-backward")
+    assert first.num_entries < sum(p.numel() for p in model.parameters()) or not masked
+    for other in results.values():
+        torch.testing.assert_close(flat(other.diag), flat(first.diag), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(flat(other.stderr), flat(first.stderr), rtol=1e-10, atol=1e-12)
+        assert other.trace == pytest.approx(first.trace, rel=1e-12)
+
+
+def test_cpu_takes_double_backward_for_all_but_small_models(monkeypatch):
+    model = mlp()
+    batches = classification_batches((6,))
+    n = sum(p.numel() for p in model.parameters())
+    assert hessian._MeanLossHessian(model, cross_entropy, batches).modes[0] == "forward-over-reverse"
+    monkeypatch.setattr(hessian._MeanLossHessian, "CPU_DOUBLE_BACKWARD_ENTRIES", n)
+    assert hessian._MeanLossHessian(model, cross_entropy, batches).modes[0] == "double-backward"
 
 
 def test_triton_path_matches_torch_path(triton_backend, monkeypatch):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastmask.models as models
-from fastmask import data, landscape, lmc, ops
+from fastmask import combinations, data, landscape, lmc, ops
 from fastmask.nn import is_masked
 from fastmask.train import TrainConfig, evaluate
 from helpers import assert_close, rel_error
@@ -178,6 +178,13 @@ def randomised(name, seed, shape=(1, 8, 8), density=0.7, mask_seed=None, **optio
     return model
 
 
+@pytest.fixture(autouse=True)
+def stacked_on_the_cpu(monkeypatch):
+    """The stacked path (CUDA's) everywhere in this file unless a test says otherwise: the CPU's
+    one network at a time is the eager loop the tests compare with."""
+    monkeypatch.setattr(combinations, "ONE_AT_A_TIME_DEVICES", ())
+
+
 MODELS = [("convnet", {"width": 8, "norm": "batch"}), ("convnet", {"width": 8, "norm": "instance"}),
           ("mlp", {"hidden": (32,)})]
 
@@ -187,7 +194,11 @@ MODELS = [("convnet", {"width": 8, "norm": "batch"}), ("convnet", {"width": 8, "
 
 @pytest.mark.parametrize("name, options", MODELS, ids=["convnet-bn", "convnet-in", "mlp"])
 @pytest.mark.parametrize("reset", [False, True], ids=["interpolated-stats", "bn-reset"])
-def test_stacked_path_equals_one_eager_evaluation_per_alpha(digits, reset_set, name, options, reset):
+@pytest.mark.parametrize("one_at_a_time", [False, True], ids=["stacked", "one-at-a-time"])
+def test_both_paths_equal_one_eager_evaluation_per_alpha(digits, reset_set, name, options, reset, one_at_a_time,
+                                                         monkeypatch):
+    """The stacked chunks (CUDA's way) and one network at a time (the CPU's), each forced here."""
+    monkeypatch.setattr(combinations, "ONE_AT_A_TIME_DEVICES", ("cpu",) if one_at_a_time else ())
     a, b = randomised(name, 0, **options), randomised(name, 1, mask_seed=0, **options)
     alphas = [0.0, 0.2, 0.5, 0.9, 1.0]
     result = lmc.interpolate(a, b, alphas, digits.test, bn_reset_data=reset_set if reset else None)
