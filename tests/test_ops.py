@@ -307,3 +307,29 @@ def test_stacked_masked_linear_cuda(monkeypatch, matmul_tf32, precision):
     upstream = torch.randn_like(ref)
     for got, want, what in zip(grads(y, [x, w], upstream.to(dtype)), grads(ref, [x, w], upstream), ("gx", "gw")):
         assert_close(got, want, tol, what=what)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("shared_input", [False, True])
+def test_cpu_stacked_conv_as_k_convolutions_or_one_grouped_float64(monkeypatch, groups, shared_input):
+    """The CPU's two ways to run a stack's conv (K convolutions above ``CPU_PER_MODEL_MACS``, one
+    grouped convolution below) give each model's own conv: values and gradients, odd sizes and
+    uneven padding."""
+    from fastmask.ops import conv as conv_op
+
+    K, N, C, H, W, O = 3, 2, 4, 7, 5, 6
+    x = torch.randn(*((1,) if shared_input else (K,)), N, C, H, W, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(K, O, C // groups, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(K, O, dtype=torch.float64, requires_grad=True)
+    m = random_mask(w.shape, 0.5)
+    padded = F.pad(x, (1, 0, 2, 1))
+    want = torch.stack([F.conv2d(padded[0 if shared_input else k], w[k] * m[k], b[k], (2, 1), 0, 1, groups)
+                        for k in range(K)])
+    upstream = torch.randn_like(want)
+    want_grads = grads(want, [x, w, b], upstream)
+    for cut in (0, float("inf")):
+        monkeypatch.setattr(conv_op, "CPU_PER_MODEL_MACS", cut)
+        got = ops.conv2d_reference(x, w, m, b, (2, 1), (2, 1, 1, 0), (1, 1), groups)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        for g, g_want, what in zip(grads(got, [x, w, b], upstream), want_grads, ("gx", "gw", "gb")):
+            torch.testing.assert_close(g, g_want, rtol=1e-12, atol=1e-12, msg=what)

@@ -110,44 +110,58 @@ def test_stack_rejects_mixed_architectures_and_wrong_batches():
 SMALL = TrainConfig(steps=12, batch_size=32, lr=0.05, warmup_steps=2)
 
 
+def _state_vector(model) -> torch.Tensor:
+    return torch.cat([v.reshape(-1) for v in model.state_dict().values() if v.is_floating_point()])
+
+
 def _stack_and_one_by_one(train, dtype):
-    """The largest normwise difference, over the tensors of 3 models, between a stack of 3 trained
-    together and the 3 models trained one after another with the same seeds."""
+    """The largest normwise difference, over 3 models (each model's state as one vector), between a
+    stack of 3 trained together and the 3 models trained one after another with the same seeds."""
     copies = [m.to(dtype) for m in masked_copies("convnet3", train.image_shape, 3, width=8)]
     train = dataclasses.replace(train, images=train.images.to(dtype), validate=False)
     stack = Stack(copies)
     fit(stack, train, SMALL, seed=[10, 11, 12], progress=False)
     for k, model in enumerate(copies):
         fit(model, train, SMALL, seed=10 + k, progress=False)
-    worst = 0.0
-    for trained, alone in zip(stack.split(), copies):
-        for (key, a), b in zip(trained.state_dict().items(), alone.state_dict().values()):
-            if a.is_floating_point():
-                worst = max(worst, rel_error(a, b))
+    for trained in stack.split():
         for module in trained.modules():
             if hasattr(module, "mask"):
                 assert (module.weight[~module.mask] == 0).all()
-    return worst
+    return max(rel_error(_state_vector(trained), _state_vector(alone)) for trained, alone in zip(stack.split(), copies))
+
+
+def _one_ulp_apart(train, dtype):
+    """The normwise difference after the same training of one model and its copy whose starting
+    weights differ by one machine epsilon (relative): how much this training amplifies rounding."""
+    model, copy = [m.to(dtype) for m in masked_copies("convnet3", train.image_shape, 2, width=8)]
+    copy.load_state_dict(model.state_dict())
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in copy.parameters():
+            p.mul_(1 + torch.finfo(dtype).eps * torch.randn(p.shape, generator=generator, dtype=dtype))
+    train = dataclasses.replace(train, images=train.images.to(dtype), validate=False)
+    for m in (model, copy):
+        fit(m, train, SMALL, seed=10, progress=False)
+    return rel_error(_state_vector(copy), _state_vector(model))
 
 
 def test_stack_trains_like_models_one_by_one(digits):
     """A stack of 3 reaches the weights of 3 models trained one after another with the same seeds.
 
-    The two compute the same function in another order: a stack's convolution is one grouped conv
-    (K groups) where the models run K convs, and its GroupNorm applies the affine in a separate
-    addcmul. Each step therefore rounds differently, by a few machine epsilons, and training
-    amplifies those differences over the steps (momentum SGD, 12 steps at lr 0.05). In float64 the
-    difference is pure rounding (1.8e-14 measured, whatever the thread count): any error of logic
-    (a seed, a mask, a model's data) would show as O(1). The float64 run also measures the
-    amplification of this training, A = error / eps64 (about 80); the float32 error is that
-    amplification of float32's epsilon, A * eps32 (1.2e-5 measured with 1 thread, 8e-6 with 2: a
-    fixed 1e-5 bound failed on some machines), and must stay within 10x of it.
+    The two compute the same function in another order (a stack's convolution is one conv over K
+    models, its GroupNorm applies the affine in a separate addcmul), so each step rounds
+    differently, and training amplifies those differences. In float64 the difference is pure
+    rounding (about 1e-14): any error of logic (a seed, a mask, a model's data) would show as O(1).
+    In float32 the amplification is far larger than float64's (digits' pixels are small integers:
+    max-pool ties and ReLU signs that one rounding flips reroute gradients), so the bound is
+    measured, not assumed: the same training started one epsilon apart (3.4e-4 measured, against
+    2 eps in float64). A fixed 1e-5 bound failed on some machines; a bound from float64's
+    amplification failed once augmentation went off for 8x8 images.
     """
-    error64 = _stack_and_one_by_one(digits.train, torch.float64)
-    assert error64 < 1e-10
-    amplification = max(error64, torch.finfo(torch.float64).eps) / torch.finfo(torch.float64).eps
+    assert _stack_and_one_by_one(digits.train, torch.float64) < 1e-10
     error32 = _stack_and_one_by_one(digits.train, torch.float32)
-    assert error32 < 10 * amplification * torch.finfo(torch.float32).eps, (error32, amplification)
+    apart32 = max(_one_ulp_apart(digits.train, torch.float32), torch.finfo(torch.float32).eps)
+    assert error32 < 10 * apart32, (error32, apart32)
 
 
 def test_resume_from_checkpoint_is_exact(digits, tmp_path, monkeypatch):

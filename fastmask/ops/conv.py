@@ -25,6 +25,20 @@ from fastmask.ops._common import (_allow_tf32_conv, _autocast, _check_devices, _
 # ----------------------------------------------------------------------------- torch reference
 
 
+# On the CPU a grouped convolution over K models loses to K separate ones once each model's
+# convolution is large (fwd+bwd, one thread, K 2-4: grouped/looped time 0.9-0.97 at 4e7-6e8
+# multiply-adds per model, 1.05-1.3 at 1.8e9-2.4e9; measured under load, so the cut is rough).
+CPU_PER_MODEL_MACS = 1e9
+
+
+def _conv_per_model(x: Tensor, w: Tensor, stride) -> bool:
+    """Whether the CPU runs a stacked conv with per-model inputs as K convolutions (see above)."""
+    if x.device.type != "cpu":
+        return False
+    N, (H, W), (sh, sw) = x.shape[1], x.shape[-2:], stride
+    return N * w[0].numel() * (H // sh) * (W // sw) >= CPU_PER_MODEL_MACS
+
+
 def conv2d_reference(x, w, m, bias, stride, padding, dilation, groups=1):
     """Stacked masked conv2d in plain torch: x [K or 1, N, C, H, W], w [K, O, C/g, R, S] -> [K, N, O, OH, OW]."""
     K, O = w.shape[:2]
@@ -37,6 +51,10 @@ def conv2d_reference(x, w, m, bias, stride, padding, dilation, groups=1):
     flat_bias = None if bias is None else bias.reshape(K * O)
     if x.shape[0] == 1 and groups == 1:  # shared input: the K models are K*O output channels
         y = F.conv2d(x[0], wm, flat_bias, stride, (pt, pl), dilation)
+    elif _conv_per_model(x, w, stride):  # K convolutions, each the one a model alone would run
+        x = x.expand(K, *x.shape[1:])
+        return torch.stack([F.conv2d(x[k], wm.view(w.shape)[k], None if bias is None else bias[k], stride, (pt, pl),
+                                     dilation, groups) for k in range(K)])
     else:  # per-model input: the K models are K groups of one grouped conv
         xs = x.expand(K, *x.shape[1:]).transpose(0, 1).reshape(N, K * x.shape[2], *x.shape[3:])
         y = F.conv2d(xs, wm, flat_bias, stride, (pt, pl), dilation, K * groups)
