@@ -220,6 +220,15 @@ def load_config(preset: str | None = None, config_file: str | Path | None = None
         cfg = _merge(cfg, yaml.safe_load(path.read_text()) or {})
     for text in overrides:
         cfg = _merge(cfg, _parse_override(text))
+    return _checked_across(cfg)
+
+
+def _checked_across(cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg`` after the checks of a stage's section that need other sections (its ``check_with``)."""
+    for stage in STAGES:
+        check = getattr(getattr(cfg, stage.name, None), "check_with", None)
+        if check is not None:
+            check(cfg)
     return cfg
 
 
@@ -236,4 +245,4 @@ def to_dict(cfg) -> dict:
 
 
 def from_dict(values: dict) -> PipelineConfig:
-    return _merge(PipelineConfig(), values)
+    return _checked_across(_merge(PipelineConfig(), values))
