@@ -46,8 +46,8 @@ ARMS = ("real", "distilled", "hybrid", "subset", "easy", "random")
 NEEDS_DISTILLED = ("distilled", "hybrid")  # arms whose IMP trains on the distilled set
 VERDICTS = ("supported", "not supported", "inconclusive")
 
-__all__ = ["ARMS", "NEEDS_DISTILLED", "VERDICTS", "copy_seeds", "train_copies", "measure", "per_example_barriers",
-           "connectivity", "claims"]
+__all__ = ["ARMS", "NEEDS_DISTILLED", "VERDICTS", "copy_seeds", "first_examples", "train_copies", "measure",
+           "per_example_barriers", "connectivity", "claims"]
 
 
 def copy_seeds(seed: int, seeds: int) -> list[int]:
@@ -75,18 +75,26 @@ def train_copies(model: nn.Module, masks: Optional[dict[str, Tensor]], rewind: d
     return trained
 
 
+def first_examples(data: Dataset, count: Optional[int]) -> Dataset:
+    """The first ``count`` examples of ``data`` (all of them for None)."""
+    if count is None or count >= len(data):
+        return data
+    return data.subset(torch.arange(count, device=data.device))
+
+
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def measure(model: nn.Module, masks: Optional[dict[str, Tensor]], rewind: dict[str, Tensor], splits: DataSplits,
             cfg: TrainConfig, seeds: int, *, seed: int = 0, alphas=lmc.DEFAULT_ALPHAS,
-            train_examples: Optional[int] = None, hessian_batches: Sequence = (), hessian_probes: int = 16,
+            train_examples: Optional[int] = None, test_examples: Optional[int] = None, hessian_batches: Sequence = (), hessian_probes: int = 16,
             stack_size: Optional[int] = None, progress: bool = False) -> tuple[dict, tuple[nn.Module, nn.Module]]:
     """One subnetwork measured over ``seeds`` pairs of copies (see the module docstring).
 
     ``train_examples``: the first that many training examples are the train split of the
-    interpolations (None: all). ``hessian_batches``: the ``(inputs, targets)`` batches of the
+    interpolations (None: all); ``test_examples``: the first that many test examples give the
+    accuracies and the test interpolations (None: all). ``hessian_batches``: the ``(inputs, targets)`` batches of the
     Hessian's mean loss (empty: no Hessian). Returns the entry (``density``,
     ``test_accuracy_mean`` / ``_std`` and ``test_accuracies`` (one per seed: the mean of its
     pair), ``barrier_{error,loss}_{test,train}_mean`` / ``_std``, ``hessian_trace``,
@@ -96,14 +104,13 @@ def measure(model: nn.Module, masks: Optional[dict[str, Tensor]], rewind: dict[s
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     copies = train_copies(model, masks, rewind, splits.train, cfg, copy_seeds(seed, seeds), stack_size, progress,
                           f"density {masks_module.density(masks or {}):.3f}")
-    _, accuracies = evaluate(Stack(copies), splits.test)
-    train = splits.train if train_examples is None else splits.train.subset(
-        torch.arange(min(train_examples, len(splits.train)), device=splits.train.device))
+    train, test = first_examples(splits.train, train_examples), first_examples(splits.test, test_examples)
+    _, accuracies = evaluate(Stack(copies), test)
     per_seed = {"accuracy": [], "error_test": [], "loss_test": [], "error_train": [], "loss_train": []}
     for s in range(seeds):
         a, b = copies[2 * s], copies[2 * s + 1]
         per_seed["accuracy"].append((accuracies[2 * s] + accuracies[2 * s + 1]) / 2)
-        for split, dataset in (("test", splits.test), ("train", train)):
+        for split, dataset in (("test", test), ("train", train)):
             curve = lmc.interpolate(a, b, alphas, dataset)
             per_seed[f"error_{split}"].append(curve.barrier_error)
             per_seed[f"loss_{split}"].append(curve.barrier_loss)

@@ -47,6 +47,7 @@ class Config:
     lmc_threshold: float = 0.1  # an example is linearly connected when its loss barrier is below this
     histogram_bins: int = 20
     train_examples: int | None = 1024  # training examples of the train barriers and per-example LMC (None: all)
+    test_examples: int | None = None  # test examples of the accuracies and test barriers (None: all)
     stacked: bool = True  # false: every copy trained alone (stacks of one), to measure what stacking buys
     stack_size: int | None = None  # copies per stack when memory requires splitting (None: 2 * seeds)
 
@@ -64,8 +65,9 @@ class Config:
         if not self.lmc_threshold > 0:
             raise ValueError(f"lmc_threshold must be positive, got {self.lmc_threshold}")
         positive("histogram_bins", self.histogram_bins)
-        if self.train_examples is not None:
-            positive("train_examples", self.train_examples)
+        for key in ("train_examples", "test_examples"):
+            if getattr(self, key) is not None:
+                positive(key, getattr(self, key))
         if self.stack_size is not None:
             positive("stack_size", self.stack_size)
 
@@ -145,13 +147,13 @@ def run(ctx: Context) -> dict:
         masks, rewind, per_example = units[unit]
         entry, pair = study.measure(model, masks, rewind, ctx.splits, cfg.train, cfg.study.seeds, seed=cfg.seed,
                                     alphas=cfg.lmc.alphas, train_examples=cfg.study.train_examples,
+                                    test_examples=cfg.study.test_examples,
                                     hessian_batches=hessian_batches, hessian_probes=cfg.hessian.num_probes,
                                     stack_size=(cfg.study.stack_size if cfg.study.stacked else 1),
                                     progress=ctx.progress)
         if per_example:
-            subset = train.subset(torch.arange(min(cfg.study.train_examples or len(train), len(train)),
-                                               device=train.device))
-            barriers = study.per_example_barriers(*pair, cfg.lmc.alphas, subset)
+            barriers = study.per_example_barriers(*pair, cfg.lmc.alphas,
+                                                  study.first_examples(train, cfg.study.train_examples))
             entry["per_example_lmc"] = study.connectivity(barriers, cfg.study.lmc_threshold, cfg.study.histogram_bins)
         ctx.log({"stage": "study", "unit": unit, "test_accuracy_mean": entry["test_accuracy_mean"],
                  "barrier_error_test_mean": entry["barrier_error_test_mean"]})
