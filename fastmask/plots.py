@@ -116,3 +116,23 @@ def study_per_example(per_example: dict[str, dict], path: Path) -> Path:
     ax.legend()
     ax.grid(alpha=0.3)
     return save(fig, path)
+
+
+def study_curves(curves: dict[str, dict], path: Path) -> Path:
+    """Seed 0's interpolation curves (error and loss, train dashed, test solid) of the dense network
+    and each arm's last subnetwork."""
+    fig, axes = figure(1, 2, size=(11, 4))
+    for ax, quantity in zip(axes, ("error", "loss")):
+        for network, curve in curves.items():
+            colour = _arm_colour(network)
+            scale = 100.0 if quantity == "error" else 1.0
+            ax.plot(curve["alphas"], [scale * v for v in curve[f"test_{quantity}"]], "-", color=colour,
+                    label=f"{network} test")
+            ax.plot(curve["alphas"], [scale * v for v in curve[f"train_{quantity}"]], "--", color=colour,
+                    label=f"{network} train")
+        ax.set_xlabel("alpha (0: copy a, 1: copy b)")
+        ax.set_ylabel("error (%)" if quantity == "error" else "cross-entropy loss (nats)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize="small", ncol=2)
+    fig.suptitle("interpolation between the two copies at the last density (seed 0)")
+    return save(fig, path)

@@ -98,7 +98,8 @@ def measure(model: nn.Module, masks: Optional[dict[str, Tensor]], rewind: dict[s
     Hessian's mean loss (empty: no Hessian). Returns the entry (``density``,
     ``test_accuracy_mean`` / ``_std`` and ``test_accuracies`` (one per seed: the mean of its
     pair), ``barrier_{error,loss}_{test,train}_mean`` / ``_std``, ``hessian_trace``,
-    ``hessian_trace_stderr``) and seed 0's trained pair.
+    ``hessian_trace_stderr``, ``curve_seed0``: seed 0's ``{"alphas", "{test,train}_{error,loss}"}``)
+    and seed 0's trained pair.
     """
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
@@ -107,6 +108,7 @@ def measure(model: nn.Module, masks: Optional[dict[str, Tensor]], rewind: dict[s
     train, test = first_examples(splits.train, train_examples), first_examples(splits.test, test_examples)
     _, accuracies = evaluate(Stack(copies), test)
     per_seed = {"accuracy": [], "error_test": [], "loss_test": [], "error_train": [], "loss_train": []}
+    curves = {}  # seed 0's interpolation curves
     for s in range(seeds):
         a, b = copies[2 * s], copies[2 * s + 1]
         per_seed["accuracy"].append((accuracies[2 * s] + accuracies[2 * s + 1]) / 2)
@@ -114,7 +116,9 @@ def measure(model: nn.Module, masks: Optional[dict[str, Tensor]], rewind: dict[s
             curve = lmc.interpolate(a, b, alphas, dataset)
             per_seed[f"error_{split}"].append(curve.barrier_error)
             per_seed[f"loss_{split}"].append(curve.barrier_loss)
-    entry = {"density": masks_module.density(masks or {})}
+            if s == 0:
+                curves.update({"alphas": curve.alphas, f"{split}_error": curve.error, f"{split}_loss": curve.loss})
+    entry = {"density": masks_module.density(masks or {}), "curve_seed0": curves}
     entry["test_accuracy_mean"], entry["test_accuracy_std"] = _mean_std(per_seed["accuracy"])
     entry["test_accuracies"] = per_seed["accuracy"]
     for quantity in ("error", "loss"):

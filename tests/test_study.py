@@ -58,7 +58,9 @@ def test_results_have_the_issue_keys_and_valid_claims(finished):
         assert set(claim) == {"claim", "evidence", "verdict"} and claim["verdict"] in study.VERDICTS
     report = (finished / "report.md").read_text()
     assert "Study: arms over seeds" in report and "### Claims" in report
-    for name in ("study_accuracy", "study_barriers", "study_hessian", "study_per_example_lmc"):
+    assert set(result["curves"]) == set(result["per_example_lmc"])
+    assert len(result["curves"]["real"]["test_error"]) == 3
+    for name in ("study_accuracy", "study_barriers", "study_hessian", "study_curves", "study_per_example_lmc"):
         png = finished / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
@@ -79,7 +81,8 @@ def test_rerun_after_a_kill_inside_the_study_gives_the_same_results(finished):
 def _tiny_problem():
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(96, 1, 8, 8, generator=generator)
-    labels = torch.arange(96) % 4
+    # learnable labels: the signs of two quadrants' means
+    labels = 2 * (images[:, 0, :4, :4].mean((1, 2)) > 0).long() + (images[:, 0, 4:, 4:].mean((1, 2)) > 0).long()
     splits = from_tensors(images[:64], labels[:64], images[64:], labels[64:])
     torch.manual_seed(0)
     model = models.create("convnet3", 4, (1, 8, 8), width=4)
@@ -97,8 +100,9 @@ def test_stacks_and_stacks_of_one_give_the_same_results():
     stacked, pair = study.measure(model, masks, rewind, splits, cfg, 2, **options)
     alone, pair_alone = study.measure(model, masks, rewind, splits, cfg, 2, stack_size=1, **options)
     assert stacked.keys() == alone.keys()
-    for key, value in stacked.items():
-        assert value == pytest.approx(alone[key], rel=1e-4, abs=1e-5), key
+    curves, curves_alone = stacked.pop("curve_seed0"), alone.pop("curve_seed0")
+    for key, value in [*stacked.items(), *curves.items()]:
+        assert value == pytest.approx({**alone, **curves_alone}[key], rel=1e-4, abs=1e-5), key
     for a, b in zip(pair, pair_alone):
         for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)

@@ -20,7 +20,8 @@ units are dealt out over the ranks.
 
 Result: ``{"seeds", "stacked", "arms": {arm: [entry per density, densest first]},
 "per_example_lmc": {network: {"fraction", "threshold", "histogram", "mean_barrier"}},
-"claims": [{"claim", "evidence", "verdict"}]}``; entries as ``fastmask.study.measure`` gives them
+"curves": {network: seed 0's interpolation curves}, "claims": [{"claim", "evidence", "verdict"}]}``
+(network: ``dense`` and each arm's last subnetwork); entries as ``fastmask.study.measure`` gives them
 plus ``round`` and ``train_points_used``. ``{}`` when ``study.arms`` is empty (the default).
 
 Stacks against stacks of one (``study.stacked=false``): the same study, every copy trained alone;
@@ -161,15 +162,18 @@ def run(ctx: Context) -> dict:
 
     measured = distributed.map_units(list(units), compute, ctx.path("units", "study"))
     out_arms, per_example = {}, {"dense": measured["dense"]["per_example_lmc"]}
+    curves = {"dense": measured["dense"]["curve_seed0"]}
     for arm, (_, masks, points) in found.items():
         entries = []
         for r in range(len(masks)):
-            entry = {key: value for key, value in measured[names[arm, r]].items() if key != "per_example_lmc"}
+            entry = {key: value for key, value in measured[names[arm, r]].items()
+                     if key not in ("per_example_lmc", "curve_seed0")}
             entries.append({"round": r, **entry, "train_points_used": points[r]})
         out_arms[arm] = entries
-        per_example[arm] = measured[names[arm, len(masks) - 1]]["per_example_lmc"]
+        last = measured[names[arm, len(masks) - 1]]
+        per_example[arm], curves[arm] = last["per_example_lmc"], last["curve_seed0"]
     return {"seeds": cfg.study.seeds, "stacked": cfg.study.stacked, "arms": out_arms, "per_example_lmc": per_example,
-            "claims": study.claims(out_arms, per_example, cfg.study.seeds)}
+            "curves": curves, "claims": study.claims(out_arms, per_example, cfg.study.seeds)}
 
 
 def report(result: dict, ctx: ReportContext) -> list[str]:
@@ -200,6 +204,7 @@ def report(result: dict, ctx: ReportContext) -> list[str]:
     names = [plots.study_accuracy(arms, ctx.plots / "study_accuracy.png"),
              plots.study_barriers(arms, ctx.plots / "study_barriers.png"),
              plots.study_hessian(arms, ctx.plots / "study_hessian.png"),
+             plots.study_curves(result["curves"], ctx.plots / "study_curves.png"),
              plots.study_per_example(result["per_example_lmc"], ctx.plots / "study_per_example_lmc.png")]
     return lines + [f"![{path.stem}](plots/{path.name})" for path in names if path is not None] + [""]
 
