@@ -88,8 +88,9 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def measure(model: nn.Module, masks: Optional[dict[str, Tensor]], rewind: dict[str, Tensor], splits: DataSplits,
             cfg: TrainConfig, seeds: int, *, seed: int = 0, alphas=lmc.DEFAULT_ALPHAS,
-            train_examples: Optional[int] = None, test_examples: Optional[int] = None, hessian_batches: Sequence = (), hessian_probes: int = 16,
-            stack_size: Optional[int] = None, progress: bool = False) -> tuple[dict, tuple[nn.Module, nn.Module]]:
+            train_examples: Optional[int] = None, test_examples: Optional[int] = None,
+            hessian_batches: Sequence = (), hessian_probes: int = 16, stack_size: Optional[int] = None,
+            progress: bool = False) -> tuple[dict, tuple[nn.Module, nn.Module]]:
     """One subnetwork measured over ``seeds`` pairs of copies (see the module docstring).
 
     ``train_examples``: the first that many training examples are the train split of the
@@ -216,7 +217,8 @@ def claims(arms: dict[str, list[dict]], per_example: dict[str, dict], seeds: int
         spread = _spread(r["test_accuracy_std"], d["test_accuracy_std"])
         cheaper = d["train_points_used"] < r["train_points_used"]
         ratio = r["train_points_used"] / max(1, d["train_points_used"])
-        verdict = _matches(d["test_accuracy_mean"], r["test_accuracy_mean"], spread, seeds) if cheaper else "not supported"
+        verdict = (_matches(d["test_accuracy_mean"], r["test_accuracy_mean"], spread, seeds) if cheaper
+                   else "not supported")
         add("IMP with the distilled set in the inner loop matches IMP with real data (rewinding) in accuracy, "
             "spending far fewer training points",
             f"density {d['density']:.3f}: distilled {_pct(d, 'test_accuracy')} vs real {_pct(r, 'test_accuracy')}; "
@@ -228,8 +230,8 @@ def claims(arms: dict[str, list[dict]], per_example: dict[str, dict], seeds: int
                      _spread(r["barrier_error_test_std"], d["barrier_error_test_std"])))
         if d["hessian_trace"] is not None and r["hessian_trace"] is not None:
             add("Synthetic subnetworks sit in flatter regions: smaller Hessian trace than real-IMP subnetworks",
-                f"density {d['density']:.3f}: trace distilled {d['hessian_trace']:.4g} ± {d['hessian_trace_stderr']:.2g} "
-                f"vs real {r['hessian_trace']:.4g} ± {r['hessian_trace_stderr']:.2g}",
+                f"density {d['density']:.3f}: trace distilled {d['hessian_trace']:.4g} ± "
+                f"{d['hessian_trace_stderr']:.2g} vs real {r['hessian_trace']:.4g} ± {r['hessian_trace_stderr']:.2g}",
                 _compare(r["hessian_trace"], d["hessian_trace"],
                          _spread(r["hessian_trace_stderr"], d["hessian_trace_stderr"])))
     if "distilled" in arms:

@@ -107,7 +107,8 @@ def arm_masks(ctx: Context, arm: str, model) -> tuple[dict, list[dict], list[int
         if arm != "random":
             return found.rewind_weights, found.masks, [r["train_points_used"] for r in found.rounds]
         # the imp stage's random baseline: the same masks
-        masks = [prune.random_masks(model, r["density"], "layer", seed=cfg.seed + i) for i, r in enumerate(found.rounds)]
+        masks = [prune.random_masks(model, r["density"], "layer", seed=cfg.seed + i)
+                 for i, r in enumerate(found.rounds)]
         return found.rewind_weights, masks, [0] * len(masks)
     if arm == "hybrid":
         inner = ["distilled"] * cfg.study.hybrid_rounds + ["real"] * (cfg.imp.rounds - cfg.study.hybrid_rounds)
