@@ -160,3 +160,18 @@ def test_claims_follow_the_numbers():
     assert list(verdicts.values()) == ["supported"] * 4
     arms["distilled"][1] = entry(0.5, 0.70, 0.01, 0.3, 100, trace=9.0)
     assert [c["verdict"] for c in study.claims(arms, {}, seeds=3)] == ["not supported"] * 4
+
+
+def test_imp_pretrain_picks_the_rewind_points_data():
+    """The subset and easy arms: the rewind point pre-trained on the subset, the rounds on real data."""
+    from fastmask import prune
+
+    model, splits = _tiny_problem()
+    subset = prune.IMP(model, splits, 2, rewind_step=3, inner="real", pretrain="subset", subset_fraction=0.25,
+                       retrain_cfg=TrainConfig(batch_size=8), progress=False)
+    assert subset.schedule == ["real", "real"] and len(subset.pretrain_data) == 16
+    assert subset.pretrain_points == 3 * 8
+    real = prune.IMP(model, splits, 2, rewind_step=3, inner="real", progress=False)
+    assert len(real.pretrain_data) == len(splits.train)
+    with pytest.raises(ValueError, match="pretrain"):
+        prune.IMP(model, splits, 2, inner="real", pretrain="distilled")
