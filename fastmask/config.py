@@ -98,6 +98,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         "landscape": {"grid": 7},
         "hessian": {"num_probes": 16, "examples": 256},
     },
+    # The study on real data that installs offline (Debian's dataset-fashion-mnist), sized for 2 CPU cores
+    # (an estimate from runs under load, README "The study"): a 4,000-image training subset, ConvNet-3 width 32,
+    # one epoch per training, 3 IMP rounds at rate 0.4 (densities 1, 0.6, 0.36, 0.216), 4 arms x 3 seeds,
+    # the study's accuracies and barriers on 1,000 test / 500 training examples. DM as measured to beat
+    # random real images (distilled with width-32 networks, 300 iterations, 2 networks, 32 real images).
+    "fashion-convnet3": {
+        "data": {"name": "fashion-mnist", "train_size": 4000},
+        "model": {"name": "convnet3", "width": 32},
+        "train": {"epochs": 1, "batch_size": 128, "lr": 0.05, "augment": False, "weight_decay": 5e-4},
+        "inner_train": {"steps": 100, "batch_size": 100, "lr": 0.01, "augment": False, "schedule": "step"},
+        "distill": {"method": "dm", "iterations": 300, "num_networks": 2, "batch_real": 32, "width": 32,
+                    "eval_seeds": 2},
+        "imp": {"rounds": 3, "rate": 0.4, "retrain_stack": 4},
+        "lmc": {"alphas": 5},
+        "landscape": {"grid": 4},
+        "hessian": {"num_probes": 8, "examples": 256},
+        "study": {"arms": ["real", "distilled", "hybrid", "random"], "seeds": 3, "hybrid_rounds": 1,
+                  "train_examples": 500, "test_examples": 1000},
+    },
     # The papers' settings (needs the CIFAR-10 python files in data.root or $FASTMASK_DATA).
     "cifar10-convnet3": {
         "data": {"name": "cifar10", "zca": True},
@@ -105,10 +124,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"epochs": 60, "batch_size": 256, "lr": 0.01, "schedule": "cosine"},
         "inner_train": {"steps": 1000, "batch_size": 256, "lr": 0.01, "schedule": "step"},
         "distill": {"method": "dm", "iterations": 20000, "num_networks": 4},
-        "imp": {"rounds": 10},
+        "imp": {"rounds": 10, "rewind_step": 500},  # a rewind point after pre-training: the Data Diet arms need one
         "lmc": {"alphas": 30},
         "landscape": {"grid": 21},
         "hessian": {"num_probes": 100, "examples": 2048},
+        "study": {"arms": ["real", "distilled", "hybrid", "subset", "easy", "random"], "seeds": 3, "hybrid_rounds": 4,
+                  "train_examples": 10000},
     },
     "cifar10-resnet18": {
         "data": {"name": "cifar10"},
@@ -121,6 +142,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lmc": {"alphas": 30},
         "landscape": {"grid": 21},
         "hessian": {"num_probes": 100, "examples": 2048},
+        "study": {"arms": ["real", "distilled", "hybrid", "subset", "easy", "random"], "seeds": 3, "hybrid_rounds": 8,
+                  "train_examples": 10000},
     },
     # CIFAR-shaped random data: the benchmark pipeline. Its labels are independent of its pixels, so
     # every set (distilled or random real) tests at chance: the distill stage's comparison is noise here.
@@ -239,6 +262,15 @@ def load_config(preset: str | None = None, config_file: str | Path | None = None
             raise ValueError(f"config file {str(path)!r}: {error}") from None
     for text in overrides:
         cfg = _merge(cfg, _parse_override(text))
+    return _checked_across(cfg)
+
+
+def _checked_across(cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg`` after the checks of a stage's section that need other sections (its ``check_with``)."""
+    for stage in STAGES:
+        check = getattr(getattr(cfg, stage.name, None), "check_with", None)
+        if check is not None:
+            check(cfg)
     return cfg
 
 
@@ -273,4 +305,4 @@ def to_dict(cfg) -> dict:
 
 
 def from_dict(values: dict) -> PipelineConfig:
-    return _merge(PipelineConfig(), values)
+    return _checked_across(_merge(PipelineConfig(), values))

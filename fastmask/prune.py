@@ -210,6 +210,8 @@ class IMP:
     the remaining weights (``scope``), and so finds mask r. The rewind point (``rewind_weights``)
     is reached by training ``rewind_step`` steps on the real data (on the subset / easy data for
     those inner choices: the Data Diet setting); ``pretrain_points`` counts its examples.
+    ``pretrain`` (``"real"``, ``"subset"`` or ``"easy"``) names the rewind point's data explicitly,
+    e.g. a subset-pretrained rewind point followed by real rounds; None: as just said.
 
     Args as ``imp``. The model is copied (and made masked); ``self.model`` is that copy.
     """
@@ -217,12 +219,15 @@ class IMP:
     def __init__(self, model: nn.Module, data: DataSplits, rounds: int, rate: float = 0.2, rewind_step: int = 0,
                  inner: str | Sequence[str] = "real", *, distilled=None, subset_fraction: float = 0.1,
                  easy_fraction: float = 0.1, scope: str = "global", inner_cfg: TrainConfig | None = None,
-                 retrain_cfg: TrainConfig | None = None, seed: int = 0, progress: bool = True):
+                 retrain_cfg: TrainConfig | None = None, seed: int = 0, progress: bool = True,
+                 pretrain: str | None = None):
         if not isinstance(rounds, int) or rounds < 0:
             raise ValueError(f"rounds must be a non-negative int, got {rounds!r}")
         if not 0 < rate < 1:
             raise ValueError(f"rate must lie in (0, 1), got {rate!r}")
         self.schedule = _inner_schedule(inner, rounds)
+        if pretrain not in (None, "real", "subset", "easy"):
+            raise ValueError(f"pretrain must be None, 'real', 'subset' or 'easy', got {pretrain!r}")
         if "distilled" in self.schedule and distilled is None:
             raise ValueError("inner='distilled' needs distilled= (a SyntheticSet or Dataset)")
         self.data, self.rate, self.rewind_step, self.scope, self.seed = data, rate, rewind_step, scope, seed
@@ -235,17 +240,17 @@ class IMP:
         if distilled is not None:
             as_dataset = distilled.as_dataset() if hasattr(distilled, "as_dataset") else distilled
             self.inner_data["distilled"] = as_dataset.to(self.device)
-        if "subset" in self.schedule:
+        if "subset" in self.schedule or pretrain == "subset":
             generator = torch.Generator().manual_seed(seed)
             count = max(1, round(subset_fraction * len(data.train)))
             chosen = torch.randperm(len(data.train), generator=generator)[:count].to(self.device)
             self.inner_data["subset"] = data.train.subset(chosen)
-        if "easy" in self.schedule:
+        if "easy" in self.schedule or pretrain == "easy":
             early = dataclasses.replace(self.retrain_cfg, epochs=min(self.retrain_cfg.epochs, 2.0), steps=None)
             scores = el2n_scores(self.model, data.train, early, seed=seed)
             count = max(1, round(easy_fraction * len(data.train)))
             self.inner_data["easy"] = data.train.subset(torch.argsort(scores, stable=True)[:count])
-        first = self.schedule[0] if self.schedule else None
+        first = pretrain or (self.schedule[0] if self.schedule else None)
         self.pretrain_data = self.inner_data[first] if first in ("subset", "easy") else data.train
         self.pretrain_points = rewind_step * min(self.retrain_cfg.batch_size, len(self.pretrain_data))
 

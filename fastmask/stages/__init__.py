@@ -5,7 +5,7 @@ To add a stage: write ``fastmask/stages/<name>.py`` (its ``Config``, ``run(ctx) 
 ``report(result, ctx) -> list[str]`` and ``STAGE``; see ``fastmask.stages.base``) and list its
 ``STAGE`` below, after the stages whose results or files it reads.
 """
-from fastmask.stages import dense, distill, hessian, imp, landscape, lmc
+from fastmask.stages import dense, distill, hessian, imp, landscape, lmc, study
 from fastmask.stages.base import Context, ReportContext, Stage
 
 STAGES: tuple[Stage, ...] = (
@@ -15,6 +15,7 @@ STAGES: tuple[Stage, ...] = (
     lmc.STAGE,
     landscape.STAGE,
     hessian.STAGE,
+    study.STAGE,
 )
 
 __all__ = ["STAGES", "Stage", "Context", "ReportContext"]

@@ -65,11 +65,14 @@ def retrain_in_folder(model: nn.Module, rewind: dict[str, Tensor], masks: Sequen
     return [accuracies[r] for r in range(len(masks))]
 
 
-def run_in_folder(strategy: prune.IMP, folder: str | Path, retrain_stack: int = 4) -> prune.IMPResult:
+def run_in_folder(strategy: prune.IMP, folder: str | Path, retrain_stack: int = 4,
+                  retrain: bool = True) -> prune.IMPResult:
     """``prune.imp`` with its files in ``folder``: every finished round's mask and the run's state
     are saved as they are found, and a rerun resumes where the last one stopped. Under torchrun call
     it on every rank: the rounds train data parallel, rank 0's rewind weights and masks are the
-    ones every rank uses, and the retraining of the masks is dealt out over the ranks."""
+    ones every rank uses, and the retraining of the masks is dealt out over the ranks. Without
+    ``retrain`` (a caller that retrains the masks itself, as the study stage does) the masks are
+    not retrained: a test accuracy the rounds did not give is None."""
     folder = Path(folder)
     state_file = folder / "imp_state.json"
     # Rank 0's view of the folder decides where every rank resumes (see fastmask.distributed).
@@ -99,6 +102,9 @@ def run_in_folder(strategy: prune.IMP, folder: str | Path, retrain_stack: int = 
         if distributed.is_writer():
             io.save_tensors(folder / f"mask_round{found.index}.safetensors", found.mask)
             io.write_json(state_file, state)
+    if not retrain:
+        return prune.IMPResult(strategy.records(masks, [retrained.get(r) for r in range(len(masks))],
+                                                state["points"]), masks, rewind)
     accuracies = retrain_in_folder(strategy.model, rewind, masks, strategy.data, strategy.retrain_cfg, strategy.seed,
                                    retrain_stack, retrain_folder, retrained, strategy.progress)
     return prune.IMPResult(strategy.records(masks, accuracies, state["points"]), masks, rewind)
