@@ -12,6 +12,7 @@ eager PyTorch, stage for stage with the same hyperparameters, and the same ``res
                BatchNorm reset, for models with BatchNorm)
     landscape  the plane through the rewind weights and the two copies, one grid point at a time
     hessian    Hutchinson, one probe at a time (PyHessian)
+    study      not yet written: off (no arms, as in fastmask's presets for digits), refused with arms
 
 Only the data (``fastmask.data.load``, so that both pipelines see the same tensors) and the
 configuration (``fastmask.config``) come from fastmask; the models, training, pruning and every
@@ -43,7 +44,7 @@ from bench.reference import distill, hessian, landscape, lmc, models, prune
 from bench.reference.data import eval_loader
 from bench.reference.train import train
 
-STAGES = ("distill", "dense", "imp", "lmc", "landscape", "hessian")
+STAGES = ("distill", "dense", "imp", "lmc", "landscape", "hessian", "study")
 NETWORKS = ("dense", "real", "distilled")
 EVAL_BATCH = 1024  # fastmask.lmc's default batch for evaluations
 
@@ -227,6 +228,13 @@ class _Reference:
         return {kind: hessian.hutchinson(self.pairs[kind][0], batches, cfg.num_probes, self.cfg.seed, self.device)
                 for kind in NETWORKS}
 
+    def stage_study(self) -> dict:
+        """Off (no arms) as in fastmask's default; the study itself has no eager reference yet."""
+        if self.cfg.study.arms:
+            raise ValueError(f"study.arms={list(self.cfg.study.arms)}: the eager reference pipeline has no study; "
+                             "run it with study.arms=[]")
+        return {}
+
 
 def _synchronize(device: torch.device):
     if device.type == "cuda":
@@ -253,7 +261,8 @@ def run_reference(cfg: PipelineConfig, out_dir=None, *, num_workers: int | None 
     run = _Reference(cfg, device, workers, compile, quiet)
     results = {"fastmask_version": fastmask.__version__, "implementation": "eager reference"
                + (" (torch.compile)" if compile else ""), "config": to_dict(cfg),
-               "device": {"type": device.type, "name": device_name(device)}, "stages": {}, "timings": {}}
+               "device": {"type": device.type, "name": device_name(device)}, "stages": {}, "timings": {},
+               "data": {"train_size": len(run.train_data[0]), "test_size": len(run.test_data[0])}}
     for stage in STAGES:
         run.say(f"stage {stage}")
         start = time.perf_counter()
