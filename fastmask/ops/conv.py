@@ -26,9 +26,10 @@ from fastmask.ops._common import (_allow_tf32_conv, _autocast, _check_devices, _
 
 
 # On the CPU a grouped convolution over K models loses to K separate ones once each model's
-# convolution is large (fwd+bwd, one thread, K 2-4: grouped/looped time 0.9-0.97 at 4e7-6e8
-# multiply-adds per model, 1.05-1.3 at 1.8e9-2.4e9; measured under load, so the cut is rough).
-CPU_PER_MODEL_MACS = 1e9
+# convolution is large (fwd+bwd, one thread, K 2-4, grouped/looped time: 0.9-0.97 at 4e7-6e8
+# multiply-adds per model, 1.1 at 9.2e8 (make bench-headline's K=4 ConvNet-3 14x14 row), 1.05-1.3
+# at 1.8e9-2.4e9; the cut between 6e8 and 9e8 is rough).
+CPU_PER_MODEL_MACS = 8e8
 
 
 def _conv_per_model(x: Tensor, w: Tensor, stride) -> bool:
