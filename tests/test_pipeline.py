@@ -115,10 +115,15 @@ def test_ctrl_c_prints_one_line_and_a_rerun_resumes(finished_run, tmp_path):
     finishes with the uninterrupted results."""
     folder = tmp_path / "interrupted"
     args = ["run", "--quiet", "--out", str(folder), *SHORT]
-    process = subprocess.Popen([sys.executable, "-m", "fastmask", *args], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-m", "fastmask", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # The signal goes in once IMP has started (its stage line; waiting on metrics.jsonl raced with
+    # a short IMP finishing first), and a moment into it so that IMP holds a finished round.
+    for line in process.stdout:
+        if "] imp: " in line:
+            break
     metrics = folder / "metrics.jsonl"
-    while process.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    while process.poll() is None and not (metrics.exists() and metrics.read_text().strip()):
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     stderr = process.communicate(timeout=120)[1]
