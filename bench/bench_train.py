@@ -11,7 +11,10 @@ Contenders for one model, each running the same steps of the same configuration:
 - ``fastmask_no_graph`` (GPU): the same with ``cuda_graph=False`` (every kernel launched from
   Python), which shows what the graph is worth.
 For two models: ``fastmask_sequential_2`` (two ``fit`` calls, one after the other) against
-``fastmask_stack_2`` (one ``fit`` of a ``Stack`` of the two, each with its own data order).
+``fastmask_stack_2`` (one ``fit`` of a ``Stack`` of the two, each with its own data order: the
+stacked pass on a GPU, the models one at a time on the CPU, ``train.STACK_ONE_AT_A_TIME_DEVICES``)
+and, on the CPU, ``fastmask_stack_2_stacked_pass`` (the stacked pass forced), which shows why the
+CPU trains a stack's models one at a time.
 
 Cases: on a GPU 10,000 CIFAR-shaped images (3 x 32 x 32), batch 256, random crop and flip, cosine
 schedule, bf16 autocast and channels_last, ConvNet-3 (100 steps; the two-model case is a headline
@@ -142,6 +145,9 @@ def bench_train_two_models(bench, c):
     contenders = {"fastmask_sequential_2": lambda: (fit(first, splits.train, cfg, seed=0, progress=False),
                                                      fit(second, splits.train, cfg, seed=1, progress=False)),
                   "fastmask_stack_2": lambda: fit(stack, splits.train, cfg, seed=[0, 1], progress=False)}
+    if bench.device.type == "cpu":
+        contenders["fastmask_stack_2_stacked_pass"] = lambda: fit(stack, splits.train, cfg, seed=[0, 1],
+                                                                  progress=False, one_at_a_time=False)
     times = bench.measure(contenders, whole_runs=True)
     batch = min(cfg.batch_size, len(splits.train))
     bench.row(c.describe("two models"), times, baseline="fastmask_sequential_2",

@@ -42,6 +42,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
+from tqdm.auto import tqdm
 
 from fastmask import masks as masks_module
 from fastmask.evaluation import Batches
@@ -371,7 +372,8 @@ def _summarise(op: _MeanLossHessian, mean: Tensor) -> tuple[dict[str, LayerSumma
 
 
 def hessian_diag(model: nn.Module, loss_fn: Callable, data: Iterable, num_probes: int = 100,
-                 probe_batch: Optional[int] = None, seed: int = 0) -> HessianDiag:
+                 probe_batch: Optional[int] = None, seed: int = 0, progress: bool = False,
+                 description: str = "hessian probes") -> HessianDiag:
     """Hutchinson estimate of the diagonal of the Hessian of the mean loss over all of ``data``.
 
     Args:
@@ -387,6 +389,7 @@ def hessian_diag(model: nn.Module, loss_fn: Callable, data: Iterable, num_probes
             memory on CUDA, on the CPU as many as fit in 256 MiB, at least 16 (see
             ``_ProbeBatcher``). Does not change the probes.
         seed: the generator's key, in [0, 2^63). The same seed gives the same probes.
+        progress: a progress bar over the probes, labelled ``description``.
 
     Returns:
         ``HessianDiag``: per-entry ``diag`` and ``stderr`` (sqrt(sample variance / num_probes)),
@@ -411,6 +414,7 @@ def hessian_diag(model: nn.Module, loss_fn: Callable, data: Iterable, num_probes
         m2 = torch.zeros_like(mean)
         probe_values = []
         done = 0
+        bar = tqdm(total=num_probes, desc=description, disable=not progress, leave=False)
         while done < num_probes:
             size = batcher.next_size(done)
             try:
@@ -426,6 +430,8 @@ def hessian_diag(model: nn.Module, loss_fn: Callable, data: Iterable, num_probes
                 continue  # the same probes again, fewer at a time
             probe_values.append(sums)
             done += size
+            bar.update(size)
+        bar.close()
         values = torch.cat(probe_values)
         if not torch.isfinite(values).all():
             raise ValueError("data: the Hessian-vector products are not finite (NaN or Inf in data, "

@@ -246,6 +246,25 @@ def test_same_seed_same_result_and_batching_does_not_change_probes():
     assert not torch.allclose(flat(other.diag), flat(first.diag))
 
 
+def test_progress_bar_counts_the_probes(monkeypatch):
+    bars = []
+
+    class Recorded(hessian.tqdm):
+        def close(self):
+            if not self.disable:
+                bars.append((self.desc, self.total, self.n))
+            super().close()
+
+    monkeypatch.setattr(hessian, "tqdm", Recorded)
+    model = conv_net()
+    batches = classification_batches((2, 4, 4), sizes=(6, 3))
+    quiet = hessian_diag(model, cross_entropy, batches, num_probes=20, probe_batch=7, seed=21)
+    shown = hessian_diag(model, cross_entropy, batches, num_probes=20, probe_batch=7, seed=21, progress=True,
+                         description="hessian dense")
+    assert torch.equal(flat(shown.diag), flat(quiet.diag))
+    assert bars == [("hessian dense", 20, 20)]
+
+
 def test_probe_batch_that_runs_out_of_memory_is_retried_smaller(monkeypatch):
     """On CUDA a measured probe batch that still runs out of memory is retried at half its size,
     with the same probes (simulated on the CPU: a batcher past its measurement, a memory limit)."""

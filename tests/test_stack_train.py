@@ -120,7 +120,7 @@ def _stack_and_one_by_one(train, dtype):
     copies = [m.to(dtype) for m in masked_copies("convnet3", train.image_shape, 3, width=8)]
     train = dataclasses.replace(train, images=train.images.to(dtype), validate=False)
     stack = Stack(copies)
-    fit(stack, train, SMALL, seed=[10, 11, 12], progress=False)
+    fit(stack, train, SMALL, seed=[10, 11, 12], progress=False, one_at_a_time=False)
     for k, model in enumerate(copies):
         fit(model, train, SMALL, seed=10 + k, progress=False)
     for trained in stack.split():
@@ -164,6 +164,34 @@ def test_stack_trains_like_models_one_by_one(digits):
     assert error32 < 10 * apart32, (error32, apart32)
 
 
+def test_stack_one_at_a_time_is_each_model_fit_alone(digits):
+    """Trained one model at a time, a stack holds bit for bit the weights of K plain fits; its
+    losses are their mean per step, its checkpoints their stack; and the stacked pass agrees to
+    float rounding (float64, as in the test above)."""
+    copies = [m.double() for m in masked_copies("convnet3", digits.train.image_shape, 3, width=8)]
+    train, test = (dataclasses.replace(split, images=split.images.double(), validate=False)
+                   for split in (digits.train, digits.test))
+    stacked, one_at_a_time = Stack(copies), Stack(copies)
+    together = fit(stacked, train, SMALL, seed=[10, 11, 12], checkpoint_steps=[0, 5], progress=False,
+                   one_at_a_time=False)
+    result = fit(one_at_a_time, train, SMALL, seed=[10, 11, 12], checkpoint_steps=[0, 5], eval_data=test,
+                 progress=False, one_at_a_time=True)
+    alone = [fit(model, train, SMALL, seed=10 + k, checkpoint_steps=[5], progress=False)
+             for k, model in enumerate(copies)]
+    for trained, model in zip(one_at_a_time.split(), copies):
+        for key, value in model.state_dict().items():
+            assert torch.equal(trained.state_dict()[key], value), key
+    assert result.losses == pytest.approx([sum(step) / 3 for step in zip(*(r.losses for r in alone))], rel=1e-12)
+    assert len(result.losses) == result.steps == SMALL.steps
+    assert rel_error(_state_vector(stacked), _state_vector(one_at_a_time)) < 1e-10
+    assert rel_error(torch.tensor(together.losses), torch.tensor(result.losses)) < 1e-6  # float32 cross-entropy
+    assert sorted(result.checkpoints) == [0, 5]
+    for key, value in together.checkpoints[5].items():
+        assert rel_error(result.checkpoints[5][key], value) < 1e-10 if value.is_floating_point() \
+            else torch.equal(result.checkpoints[5][key], value), key
+    assert len(result.metrics["test_accuracy"]) == 3
+
+
 def test_resume_from_checkpoint_is_exact(digits, tmp_path, monkeypatch):
     """Killed right after saving its state at step 6, the rerun ends with the uninterrupted weights."""
     cfg = TrainConfig(steps=10, batch_size=32, lr=0.05)
@@ -197,6 +225,43 @@ def test_resume_from_checkpoint_is_exact(digits, tmp_path, monkeypatch):
         assert torch.equal(resumed.state_dict()[key], value), key
     assert result.losses == full.losses
     assert torch.equal(result.checkpoints[4]["features.0.weight"], full.checkpoints[4]["features.0.weight"])
+
+
+def test_stack_one_at_a_time_resumes_inside_the_model_it_stopped_in(digits, tmp_path, monkeypatch):
+    """Killed at step 6 of the second of three models, the rerun keeps the first, resumes the
+    second from its step 6 and ends with the uninterrupted stack's weights, losses and checkpoints."""
+    cfg = TrainConfig(steps=10, batch_size=32, lr=0.05)
+    copies = masked_copies("convnet3", digits.train.image_shape, 3, width=8)
+    uninterrupted = Stack(copies)
+    full = fit(uninterrupted, digits.train, cfg, seed=[1, 2, 3], checkpoint_steps=[4], progress=False,
+               one_at_a_time=True)
+
+    class Killed(Exception):
+        pass
+
+    save_state = io.save_state
+    saved = []
+
+    def save_then_die(path, state):
+        save_state(path, state)
+        saved.append((len(state["finished"]), state.get("current", {}).get("step")))
+        if saved[-1] == (1, 6):
+            raise Killed
+
+    resume = tmp_path / "stack.pt"
+    monkeypatch.setattr(io, "save_state", save_then_die)
+    with pytest.raises(Killed):
+        fit(Stack(copies), digits.train, cfg, seed=[1, 2, 3], checkpoint_steps=[4],
+            checkpoint=CheckpointFile(resume, every=3), progress=False, one_at_a_time=True)
+    monkeypatch.undo()
+    resumed = Stack(masked_copies("convnet3", digits.train.image_shape, 3, width=8))  # weights come from the file
+    result = fit(resumed, digits.train, cfg, seed=[1, 2, 3], checkpoint_steps=[4],
+                 checkpoint=CheckpointFile(resume, every=3), progress=False, one_at_a_time=True)
+    for key, value in uninterrupted.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    assert result.losses == full.losses
+    assert torch.equal(result.checkpoints[4]["model.features.0.weight"], full.checkpoints[4]["model.features.0.weight"])
+    assert saved[:4] == [(0, 3), (0, 6), (0, 9), (0, 10)]  # the first model's saves, then the second's
 
 
 def test_convnet3_reaches_95_percent_on_digits(digits):

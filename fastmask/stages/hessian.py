@@ -40,7 +40,8 @@ def run(ctx: Context) -> dict:
 
     def diagonal(kind: str) -> dict:  # a unit of work, on one rank
         model = lmc.trained_pair(ctx, kind)[0]
-        result = hessian.hessian_diag(model, F.cross_entropy, batches, num_probes=cfg.num_probes, seed=ctx.cfg.seed)
+        result = hessian.hessian_diag(model, F.cross_entropy, batches, num_probes=cfg.num_probes, seed=ctx.cfg.seed,
+                                      progress=ctx.progress, description=f"hessian {kind}")
         io.save_tensors(ctx.path("checkpoints", f"hessian_{kind}.safetensors"), dict(result.diag))
         return result.summary()
 
