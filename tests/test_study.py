@@ -57,7 +57,7 @@ def test_results_have_the_issue_keys_and_valid_claims(finished):
     for claim in claims:
         assert set(claim) == {"claim", "evidence", "verdict"} and claim["verdict"] in study.VERDICTS
     report = (finished / "report.md").read_text()
-    assert "Study: arms over seeds" in report and "### Claims" in report
+    assert "Every arm over seeds" in report and "### Claims" in report
     assert set(result["curves"]) == set(result["per_example_lmc"])
     assert len(result["curves"]["real"]["test_error"]) == 3
     for name in ("study_accuracy", "study_barriers", "study_hessian", "study_curves", "study_per_example_lmc"):

@@ -210,4 +210,14 @@ def report(result: dict, ctx: ReportContext) -> list[str]:
     return lines + [f"![{path.stem}](plots/{path.name})" for path in names if path is not None] + [""]
 
 
-STAGE = Stage("study", "Study: arms over seeds", run, report, config=Config, files=("study",))
+def summary(result: dict) -> str:
+    if not result:
+        return "off (study.arms is empty)"
+    last = ", ".join(f"{arm} {100 * entries[-1]['test_accuracy_mean']:.1f} ± {100 * entries[-1]['test_accuracy_std']:.1f}%"
+                     for arm, entries in result["arms"].items())
+    verdicts = [claim["verdict"] for claim in result["claims"]]
+    counts = ", ".join(f"{verdicts.count(v)} {v}" for v in study.VERDICTS if v in verdicts)
+    return f"at the last density: {last}; claims: {counts}"
+
+
+STAGE = Stage("study", "Every arm over seeds", run, report, config=Config, files=("study",), summary=summary)
