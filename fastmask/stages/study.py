@@ -211,8 +211,6 @@ def report(result: dict, ctx: ReportContext) -> list[str]:
 
 
 def summary(result: dict) -> str:
-    if not result:
-        return "off (study.arms is empty)"
     last = ", ".join(f"{arm} {100 * entries[-1]['test_accuracy_mean']:.1f} ± {100 * entries[-1]['test_accuracy_std']:.1f}%"
                      for arm, entries in result["arms"].items())
     verdicts = [claim["verdict"] for claim in result["claims"]]
