@@ -19,7 +19,7 @@ from bench.gpu_session import Phase, Session
 ROOT = Path(__file__).resolve().parent.parent
 HEADLINE_BENCHES = {"bench_masked_conv2d", "bench_stacked_masked_conv2d", "bench_masked_optimizer_step_resnet18",
                     "bench_lmc_interpolate", "bench_hessian_diag", "bench_train_two_models",
-                    "bench_pipeline_end_to_end"}
+                    "bench_pipeline_end_to_end", "bench_study_measure"}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the session without a GPU")
