@@ -6,8 +6,10 @@ then a constant, step or cosine schedule, device-resident batches from ``fastmas
 channels_last on CUDA, the forward and backward pass of each step replayed from a CUDA graph on
 CUDA (``TrainConfig.cuda_graph``), checkpoints at named steps (rewind points), and a ``Checkpoint``
 of its training state (``fastmask.checkpoint.CheckpointFile`` in a run folder) that a rerun
-resumes from, reaching exactly the uninterrupted run's weights. ``evaluate`` gives the test loss
-and accuracy of a model or of each model of a stack (``fastmask.evaluation``'s batch loop).
+resumes from, reaching exactly the uninterrupted run's weights. A stack trains as one stacked pass
+per step, or, on the CPU where that is faster, as its K models one after another (``fit``'s
+``one_at_a_time``; the same weights up to float rounding). ``evaluate`` gives the test loss and
+accuracy of a model or of each model of a stack (``fastmask.evaluation``'s batch loop).
 
 Under torchrun (``fastmask.distributed.active()``) ``fit`` is data parallel: every process holds
 the dataset on its device, draws the global batch of each step (the Loader's batch is a pure
