@@ -40,14 +40,15 @@ from fastmask import evaluation, hessian, lmc, masks as masks_module
 from fastmask.combinations import Combinations, aligned_sources
 from fastmask.data import Dataset, DataSplits
 from fastmask.stack import Stack
-from fastmask.train import TrainConfig, evaluate, fit
+from fastmask.train import TrainConfig, evaluate, fit, training_footprint
 
 ARMS = ("real", "distilled", "hybrid", "subset", "easy", "random")
 NEEDS_DISTILLED = ("distilled", "hybrid")  # arms whose IMP trains on the distilled set
 VERDICTS = ("supported", "not supported", "inconclusive")
+MEMORY_FRACTION = 0.6  # of the free CUDA memory a stack of copies may take: the rest is headroom for the evaluations
 
-__all__ = ["ARMS", "NEEDS_DISTILLED", "VERDICTS", "copy_seeds", "first_examples", "train_copies", "measure",
-           "per_example_barriers", "connectivity", "claims"]
+__all__ = ["ARMS", "NEEDS_DISTILLED", "VERDICTS", "MEMORY_FRACTION", "copy_seeds", "first_examples", "copies_per_stack",
+           "train_copies", "measure", "per_example_barriers", "connectivity", "claims"]
 
 
 def copy_seeds(seed: int, seeds: int) -> list[int]:
@@ -55,17 +56,31 @@ def copy_seeds(seed: int, seeds: int) -> list[int]:
     return [seed + 1 + i for i in range(2 * seeds)]
 
 
+def copies_per_stack(model: nn.Module, data: Dataset, cfg: TrainConfig, count: int) -> int:
+    """How many of ``count`` copies of ``model`` train as one stack: all of them, or on CUDA as many
+    as fit in ``MEMORY_FRACTION`` of the free memory (what the caching allocator holds unused counts
+    as free), from one copy's measured training step (``train.training_footprint``)."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return count  # the CPU trains a stack's models one at a time (train.STACK_ONE_AT_A_TIME_DEVICES)
+    per_copy = training_footprint(model, data, cfg)
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return max(1, min(count, int(MEMORY_FRACTION * free // per_copy)))
+
+
 def train_copies(model: nn.Module, masks: Optional[dict[str, Tensor]], rewind: dict[str, Tensor], data: Dataset,
                  cfg: TrainConfig, seeds: Sequence[int], stack_size: Optional[int] = None, progress: bool = False,
                  description: str = "copies") -> list[nn.Module]:
     """One copy of the subnetwork per data-order seed in ``seeds``, each trained from ``rewind``
-    under ``masks`` on ``data``; ``stack_size`` copies at a time as one stack (None: all in one
-    stack; 1: stacks of one, the loop a researcher would write). Returns the trained copies."""
+    under ``masks`` on ``data``; ``stack_size`` copies at a time as one stack (None: as many as fit
+    in memory, ``copies_per_stack``; 1: stacks of one, the loop a researcher would write). Returns
+    the trained copies."""
     start = copy.deepcopy(model)
     start.load_state_dict(rewind)
     if masks is not None:
         masks_module.apply(start, masks)
-    size = len(seeds) if stack_size is None else stack_size
+    size = copies_per_stack(start, data, cfg, len(seeds)) if stack_size is None else stack_size
     trained = []
     for first in range(0, len(seeds), size):
         group = list(seeds[first:first + size])

@@ -489,6 +489,39 @@ def _fit_one_at_a_time(stack: Stack, data: Dataset, cfg: TrainConfig, seeds: Seq
                        examples_seen=total * min(cfg.batch_size, len(data)))
 
 
+def training_footprint(model: nn.Module, data: Dataset, cfg: TrainConfig) -> int:
+    """Bytes of CUDA memory one training step of ``model`` (a plain model) takes at its peak: its
+    weights, the gradients and activations of a forward and backward pass of one batch (measured,
+    on a throwaway copy), and the optimizer's state (one tensor per parameter for SGD with
+    momentum, two for AdamW). What a stack of K such models needs is about K times this.
+
+    Example::
+
+        per_model = training_footprint(model, splits.train, cfg)
+        fitting = int(0.6 * torch.cuda.mem_get_info()[0] // per_model)
+    """
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        raise ValueError(f"model must be on a CUDA device to measure its footprint, got {device}")
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    trial = copy.deepcopy(model).train()
+    if cfg.channels_last:
+        to_channels_last(trial)
+    batch = min(cfg.batch_size, len(data))
+    inputs, targets = data.images[:batch], data.labels[:batch]
+    with _autocast(device, cfg):
+        logits = trial(images_channels_last(inputs) if cfg.channels_last else inputs)
+    _loss(logits, targets, cfg.label_smoothing).backward()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del trial, logits
+    states = (0 if cfg.optimizer == "sgd" and cfg.momentum == 0 else 1) + (cfg.optimizer == "adamw")
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return max(1, peak + states * parameter_bytes)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Dataset, batch_size: int = 1024, amp: bool = True):
     """Mean cross-entropy and accuracy of ``model`` on ``data`` (lists of K values for a Stack).

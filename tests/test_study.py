@@ -1,11 +1,13 @@
 """The study stage: a tiny study end to end through the pipeline, its results.json keys and claims,
 resume after a kill, stacks against stacks of one, and bad configurations."""
 import json
+import types
 
 import pytest
 import torch
 
 from fastmask import models, pipeline, study
+from fastmask import train as train_module
 from fastmask.config import load_config
 from fastmask.data import from_tensors
 from fastmask.train import TrainConfig
@@ -106,6 +108,47 @@ def test_stacks_and_stacks_of_one_give_the_same_results():
     for a, b in zip(pair, pair_alone):
         for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_copies_per_stack_from_the_free_memory_with_a_faked_cuda(monkeypatch):
+    """On CUDA the copies that fit in 0.6 of the free memory plus what the caching allocator holds
+    unused, from one copy's footprint: 0.6 * (50,000 + 20,000 - 5,000) / 4,000 gives 9; all of
+    them on the CPU; at least one."""
+    class OnCuda(torch.nn.Module):
+        def parameters(self, recurse=True):
+            yield types.SimpleNamespace(device=torch.device("cuda"))
+
+    model, splits = _tiny_problem()
+    cfg = TrainConfig(steps=4, batch_size=16)
+    free, reserved = [50_000], [20_000]
+    measured = []
+    monkeypatch.setattr(study, "training_footprint", lambda *args: measured.append(args) or 4000)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free[0], 10**9))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: reserved[0])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 5000)
+    assert study.copies_per_stack(model, splits.train, cfg, 20) == 20 and not measured  # the CPU: all
+    assert study.copies_per_stack(OnCuda(), splits.train, cfg, 20) == 9
+    assert study.copies_per_stack(OnCuda(), splits.train, cfg, 6) == 6
+    free[0], reserved[0] = 0, 5000
+    assert study.copies_per_stack(OnCuda(), splits.train, cfg, 6) == 1
+    assert len(measured) == 3 and measured[0][1:] == (splits.train, cfg)
+
+
+@pytest.mark.gpu
+def test_training_footprint_and_copies_per_stack_on_cuda():
+    """One copy's measured step takes more than its weights, gradients and momentum; a tiny model's
+    copies all fit, and train as one stack (each from the rewind weights, each its own data order)."""
+    model, splits = _tiny_problem()
+    model, splits = model.cuda(), splits.to("cuda")
+    cfg = TrainConfig(steps=4, batch_size=16, augment=False, lr=0.05)
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert train_module.training_footprint(model, splits.train, cfg) > 3 * parameter_bytes
+    assert study.copies_per_stack(model, splits.train, cfg, 4) == 4
+    rewind = {k: v.clone() for k, v in model.state_dict().items()}
+    copies = study.train_copies(model, None, rewind, splits.train, cfg, [1, 2, 3, 4])
+    weights = [copy.state_dict()["features.0.weight"] for copy in copies]
+    assert len(copies) == 4 and not torch.equal(weights[0], rewind["features.0.weight"])
+    assert not torch.equal(weights[0], weights[1])
 
 
 def test_per_example_barriers_match_a_loop_over_alphas():

@@ -50,7 +50,7 @@ class Config:
     train_examples: int | None = 1024  # training examples of the train barriers and per-example LMC (None: all)
     test_examples: int | None = None  # test examples of the accuracies and test barriers (None: all)
     stacked: bool = True  # false: every copy trained alone (stacks of one), to measure what stacking buys
-    stack_size: int | None = None  # copies per stack when memory requires splitting (None: 2 * seeds)
+    stack_size: int | None = None  # copies per stack (None: as many as fit in memory, study.copies_per_stack)
 
     def __post_init__(self):
         unknown = sorted(set(self.arms) - set(study.ARMS))
