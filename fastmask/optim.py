@@ -159,6 +159,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         # Also reached from load_state_dict. Cached plans hold addresses: never carried over.
         super().__setstate__(state)
         self._plans = {}
+        self._keep_factors = {}  # _zero_pruned rebuilds them from the masks
         self._version = getattr(self, "_version", 0) + 1
 
     def add_param_group(self, param_group: dict) -> None:

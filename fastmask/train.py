@@ -451,7 +451,7 @@ class _ModelOfStack:
         return self.current
 
     def save(self, state: dict) -> None:
-        self.stack_checkpoint.save({"finished": self.finished, "current": state})
+        self.stack_checkpoint.save({"finished": list(self.finished), "current": state})
 
 
 def _stacked_state(template: nn.Module, states: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
