@@ -10,8 +10,9 @@ with its children (pytest-xdist's workers) when its share of the time is up:
    timeout (pytest-timeout), each plugin where it is installed;
 2. the headline ratios: ``pytest bench -m headline`` in quick mode (``FASTMASK_BENCH=quick``), in
    the order of issue 18 (masked conv, stacked conv, fused optimizers, LMC, Hutchinson, a stack of
-   2, the small pipeline; then the study's stacks against stacks of one), each row written to the
-   day's results file as soon as it is measured;
+   2), then the study's stacks against stacks of one and last the small pipeline (the longest case:
+   three whole pipeline runs, each after a warm-up run), each row
+   written to the day's results file as soon as it is measured;
 3. only if time is left: the first conv case again with the full autotune list
    (``FASTMASK_AUTOTUNE=full``), to see what the single config loses.
 ``FASTMASK_AUTOTUNE=one`` (one config per kernel kind, nothing timed) holds unless it was set.
@@ -54,7 +55,7 @@ BENCH_TIMEOUT_S = 240  # per benchmark case
 WORKERS = 8  # pytest-xdist workers (16 cores: compiling Triton kernels is what they do most)
 # Phase 2, in the order of issue 18; -m headline picks each file's headline cases.
 HEADLINE_FILES = ["bench/bench_masked_conv.py", "bench/bench_optim.py", "bench/bench_lmc.py", "bench/bench_hessian.py",
-                  "bench/bench_train.py", "bench/bench_pipeline.py", "bench/bench_study.py"]
+                  "bench/bench_train.py", "bench/bench_study.py", "bench/bench_pipeline.py"]
 FULL_AUTOTUNE_CASE = "bench_masked_conv2d and features.4-at-32x32 and bf16"
 BENCH_OPTIONS = ["-o", "python_files=bench_*.py", "-o", "python_functions=bench_*", "-s"]
 OUT_FILES, OUT_BYTES = 8, 16 * 2**20 - 4096  # what comes back from $OUT

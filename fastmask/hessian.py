@@ -316,8 +316,9 @@ class _ProbeBatcher:
 
     def _fitting_size(self) -> int:
         (p1, peak1), (p2, peak2) = self.peaks
-        # the first batch may also hold one-time allocations (workspaces): then its whole peak per probe
-        per_probe = (peak2 - peak1) / (p2 - p1) if peak2 > peak1 else peak1 / p1
+        # The first batch may also hold one-time allocations (workspaces), and with 2 probes in all
+        # both batches hold one: then the larger whole peak per probe.
+        per_probe = (peak2 - peak1) / (p2 - p1) if peak2 > peak1 and p2 > p1 else max(peak1 / p1, peak2 / p2)
         fixed = max(peak1 - per_probe * p1, 0)
         free, _ = torch.cuda.mem_get_info(self.device)
         cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)

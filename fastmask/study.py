@@ -62,7 +62,7 @@ def copies_per_stack(model: nn.Module, data: Dataset, cfg: TrainConfig, count: i
     as free), from one copy's measured training step (``train.training_footprint``)."""
     device = next(model.parameters()).device
     if device.type != "cuda":
-        return count  # the CPU trains a stack's models one at a time (train.STACK_ONE_AT_A_TIME_DEVICES)
+        return count  # the CPU's memory is not the limit
     per_copy = training_footprint(model, data, cfg)
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)

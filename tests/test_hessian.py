@@ -296,6 +296,20 @@ def test_probe_batch_that_runs_out_of_memory_is_retried_smaller(monkeypatch):
     assert not MeasuredBatcher(None, 11, None).shrink(1)
 
 
+def test_probe_batches_measured_at_one_size_give_a_size(monkeypatch):
+    """With 2 probes in all, CUDA's two measured batches hold one probe each (seen on an H200 with
+    ``hessian.num_probes=2``: a division by zero); the whole peak per probe sizes the rest."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10**9, 2 * 10**9))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 0)
+    batcher = hessian._ProbeBatcher(None, 2, torch.device("cuda"))
+    assert [batcher.next_size(0), (batcher.peaks.append((1, 100)), batcher.next_size(1))[1]] == [1, 1]
+    batcher.peaks.append((1, 125))
+    assert batcher._fitting_size() == int(batcher.MEMORY_FRACTION * 10**9 // 125)
+    batcher.peaks[:] = [(1, 100), (2, 150)]  # the usual case: the second probe's cost, 50
+    assert batcher._fitting_size() == int((batcher.MEMORY_FRACTION * 10**9 - 50) // 50)
+
+
 def test_float32_model_agrees_with_float64():
     model64 = mlp(lambda i, o: MaskedLinearStub(i, o, generator=torch.Generator().manual_seed(3)))
     batches64 = classification_batches((6,))

@@ -333,3 +333,100 @@ def test_cpu_stacked_conv_as_k_convolutions_or_one_grouped_float64(monkeypatch, 
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
         for g, g_want, what in zip(grads(got, [x, w, b], upstream), want_grads, ("gx", "gw", "gb")):
             torch.testing.assert_close(g, g_want, rtol=1e-12, atol=1e-12, msg=what)
+
+
+class _Chose(dict):
+    """A dispatch cache that has chosen ``choice`` for every shape."""
+
+    def __init__(self, choice):
+        super().__init__()
+        self.choice = choice
+
+    def get(self, key, default=None):
+        return self.choice
+
+
+@pytest.mark.parametrize("choice", ["torch", "torch_per_model"])
+def test_a_shape_decided_for_torch_runs_plain_ops_without_the_custom_op(monkeypatch, choice):
+    """Once the dispatch chose a torch candidate for a shape, the eager wrappers run its ops
+    directly (the custom ops' host cost is ~1 ms per conv): each model's own masked conv / linear,
+    values and gradients in float64; forcing a backend turns this off."""
+    from fastmask import backend
+    from fastmask.ops import _common, conv as conv_op, linear as linear_op
+
+    monkeypatch.setattr(backend, "use_triton", lambda *tensors, **options: True)
+    monkeypatch.setattr(_common, "_fastest", _Chose(choice))
+
+    def refuse(*args):
+        raise AssertionError("the custom op ran")
+
+    for module, name in ((conv_op, "_conv_op"), (conv_op, "_interpolated_conv_op"), (linear_op, "_linear_op"),
+                         (linear_op, "_interpolated_linear_op")):
+        monkeypatch.setattr(module, name, refuse)
+    K, N, C, H, W, O = 3, 2, 4, 7, 5, 6
+    x = torch.randn(K, N, C, H, W, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(K, O, C, 3, 3, dtype=torch.float64, requires_grad=True)
+    m = random_mask(w.shape, 0.5)
+    got = ops.stacked_masked_conv2d(x, w, m, stride=(2, 1), padding=1)
+    want = torch.stack([F.conv2d(x[k], w[k] * m[k], None, (2, 1), 1) for k in range(K)])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn_like(want)
+    for g, g_want, what in zip(grads(got, [x, w], upstream), grads(want, [x, w], upstream), ("gx", "gw")):
+        torch.testing.assert_close(g, g_want, rtol=1e-12, atol=1e-12, msg=what)
+    xl, wl = torch.randn(K, 5, 7, dtype=torch.float64), torch.randn(K, 4, 7, dtype=torch.float64)
+    ml = random_mask(wl.shape, 0.5)
+    torch.testing.assert_close(ops.stacked_masked_linear(xl, wl, ml), torch.matmul(xl, (wl * ml).transpose(1, 2)))
+    alphas = torch.tensor([0.0, 0.25, 1.0])
+    wa, wb = w[0].detach(), w[1].detach()
+    torch.testing.assert_close(ops.interpolated_masked_conv2d(x[0].detach(), wa, wb, m[0], alphas, padding=1),
+                               torch.stack([F.conv2d(x[0].detach(), ((1 - a) * wa + a * wb) * m[0], None, 1, 1)
+                                            for a in alphas.tolist()]))
+    torch.testing.assert_close(ops.interpolated_masked_linear(xl[0], wl[0], wl[1], ml[0], alphas),
+                               torch.stack([xl[0] @ (((1 - a) * wl[0] + a * wl[1]) * ml[0]).T
+                                            for a in alphas.tolist()]))
+    monkeypatch.setenv("FASTMASK_BACKEND", "triton")
+    assert _common._chosen_torch(("any shape",), refuse) is None
+
+
+def test_an_undecided_shape_is_decided_before_its_first_call_runs(monkeypatch):
+    """On CUDA the first call of a shape first runs its custom op once, without autograd, so that
+    the dispatch decides; then that call takes the chosen path like every later one (CUDA faked)."""
+    from fastmask.ops import _common
+
+    monkeypatch.setattr(_common, "_fastest", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    calls = []
+
+    def decide():
+        calls.append(torch.is_grad_enabled())
+        _common._fastest[("shape",)] = "torch"
+
+    assert _common._chosen_torch(("shape",), decide) == "torch"
+    assert _common._chosen_torch(("shape",), decide) == "torch"
+    assert calls == [False]  # once, without autograd
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert _common._chosen_torch(("another shape",), decide) is None  # never inside a capture
+    assert calls == [False]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shared_input", [False, True])
+def test_dispatch_on_cuda_gives_the_masked_conv_before_and_after_it_chose(monkeypatch, shared_input):
+    """Under ``auto`` the first call times the candidates (through the custom op) and later calls
+    take the chosen one (the plain ops where torch won): both calls compute each model's masked conv."""
+    monkeypatch.setenv("FASTMASK_BACKEND", "auto")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    K, N, C, H, O = 3, 37, 19, 13, 23
+    x = torch.randn(1 if shared_input else K, N, C, H, H, device="cuda", requires_grad=True)
+    w = torch.randn(K, O, C, 3, 3, device="cuda", requires_grad=True)
+    m = random_mask(w.shape, 0.5).cuda()
+    want = torch.stack([F.conv2d(x[0 if shared_input else k].double(), w[k].double() * m[k], None, 1, 1)
+                        for k in range(K)])
+    upstream = torch.randn_like(want)
+    want_grads = grads(want, [x, w], upstream)
+    for call in range(2):
+        got = ops.stacked_masked_conv2d(x, w, m, padding=1)
+        assert_close(got, want, torch.float32, what=f"call {call}")
+        for g, g_want, what in zip(grads(got, [x, w], upstream.float()), want_grads, ("gx", "gw")):
+            assert_close(g, g_want, torch.float32, what=f"{what}, call {call}")

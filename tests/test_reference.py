@@ -90,12 +90,15 @@ def test_learning_rate_schedule_is_fastmasks(options):
         epochs=2.5, batch_size=64).total_steps(1437)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("scope", ["global", "layer"])
-def test_torch_prune_gives_fastmasks_masks_round_after_round(scope):
+def test_torch_prune_gives_fastmasks_masks_round_after_round(scope, channels_last):
     torch.manual_seed(1)
     ours = fastmask_models.create("convnet3", 10, (3, 8, 8), width=8)
     torch.manual_seed(1)
     reference = models.create("convnet3", 10, (3, 8, 8), width=8)
+    if channels_last:  # as the reference loop trains on CUDA
+        reference.to(memory_format=torch.channels_last)
     masks = None
     for r in range(1, 4):
         density = 0.8**r

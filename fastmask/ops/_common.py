@@ -96,6 +96,30 @@ def _pick(key: tuple, candidates: dict[str, Callable[[], Tensor]]) -> Callable[[
     return candidates[_fastest[key]]
 
 
+def _chosen_torch(key: tuple, decide: Callable[[], object]) -> Optional[str]:
+    """The torch candidate ``_pick`` chose for ``key``, when the caller may run it as plain torch
+    ops instead of calling its custom op; else None. Only eager code under ``auto`` does:
+    torch.compile must see the op. Through a custom op and its autograd wrapper, one masked conv's
+    forward and backward cost 0.5-1 ms more host time than the same torch ops (measured: on the
+    H200's host fastmask took 1.25-1.37 ms at every headline conv shape where cuDNN's own work took
+    0.34-1.38 ms; on this 2-core CPU at a tiny shape 918 against 394 us), and autograd through the
+    torch ops computes the same gradients.
+
+    A shape not decided yet is decided first (outside a CUDA graph's capture), by one call of
+    ``decide`` (its custom op, without autograd, whose result is dropped): so every call of a
+    shape, the first too, takes one path. A first call through the op and later ones through the
+    plain ops round differently (op: a re-laid-out output, the bias gradient summed apart); on an
+    H200, two trainings of one seed in one process then differed by 6e-5 to 9e-3 after 9 steps.
+    """
+    if torch.compiler.is_compiling() or backend.selected() != "auto":
+        return None
+    if key not in _fastest and torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing():
+        with torch.no_grad():
+            decide()
+    choice = _fastest.get(key)
+    return None if choice in (None, "triton") else choice
+
+
 def _allow_tf32_conv() -> bool:
     return torch.backends.cudnn.allow_tf32
 

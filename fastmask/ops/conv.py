@@ -17,9 +17,9 @@ from torch import Tensor
 
 from fastmask import backend
 from fastmask.masks import check as check_mask
-from fastmask.ops._common import (_allow_tf32_conv, _autocast, _check_devices, _check_float, _conv_padding,
-                                  _interpolation_args, _key, _laid_out_like, _one_batch_if_expanded, _pair, _pick,
-                                  interpolate_weights)
+from fastmask.ops._common import (_allow_tf32_conv, _autocast, _check_devices, _check_float, _chosen_torch,
+                                  _conv_padding, _interpolation_args, _key, _laid_out_like, _one_batch_if_expanded,
+                                  _pair, _pick, interpolate_weights)
 
 
 # ----------------------------------------------------------------------------- torch reference
@@ -40,8 +40,11 @@ def _conv_per_model(x: Tensor, w: Tensor, stride) -> bool:
     return N * w[0].numel() * (H // sh) * (W // sw) >= CPU_PER_MODEL_MACS
 
 
-def conv2d_reference(x, w, m, bias, stride, padding, dilation, groups=1):
-    """Stacked masked conv2d in plain torch: x [K or 1, N, C, H, W], w [K, O, C/g, R, S] -> [K, N, O, OH, OW]."""
+def conv2d_reference(x, w, m, bias, stride, padding, dilation, groups=1, per_model: Optional[bool] = None):
+    """Stacked masked conv2d in plain torch: x [K or 1, N, C, H, W], w [K, O, C/g, R, S] -> [K, N, O, OH, OW].
+
+    With per-model inputs the K models run as one grouped convolution, or as K convolutions when
+    ``per_model`` (None: the CPU's rule above; on CUDA the dispatch times both)."""
     K, O = w.shape[:2]
     N = x.shape[1]
     wm = (w * m).reshape(K * O, *w.shape[2:])
@@ -52,7 +55,7 @@ def conv2d_reference(x, w, m, bias, stride, padding, dilation, groups=1):
     flat_bias = None if bias is None else bias.reshape(K * O)
     if x.shape[0] == 1 and groups == 1:  # shared input: the K models are K*O output channels
         y = F.conv2d(x.squeeze(0), wm, flat_bias, stride, (pt, pl), dilation)
-    elif _conv_per_model(x, w, stride):  # K convolutions, each the one a model alone would run
+    elif _conv_per_model(x, w, stride) if per_model is None else per_model:  # K convolutions, each the one a model alone would run
         x = x.expand(K, *x.shape[1:])
         return torch.stack([F.conv2d(x[k], wm.view(w.shape)[k], None if bias is None else bias[k], stride, (pt, pl),
                                      dilation, groups) for k in range(K)])
@@ -66,16 +69,25 @@ def conv2d_reference(x, w, m, bias, stride, padding, dilation, groups=1):
 # ----------------------------------------------------------------------------- conv op
 
 
+def _conv_key(x, w, m, bias, stride, padding, dilation) -> tuple:
+    return _key(x, w, m, extra=("conv_fwd", bias is None, *stride, *padding, *dilation, _allow_tf32_conv()))
+
+
 @torch.library.custom_op("fastmask::stacked_masked_conv2d", mutates_args=())
 def _conv_op(x: Tensor, w: Tensor, m: Tensor, bias: Optional[Tensor], stride: List[int],
              padding: List[int], dilation: List[int]) -> Tensor:
     from fastmask.kernels import masked_conv
 
-    tf32 = _allow_tf32_conv()
-    return _pick(_key(x, w, m, extra=("conv_fwd", bias is None, *stride, *padding, *dilation, tf32)), {
-        "triton": lambda: masked_conv.conv_forward(x, w, m, bias, stride, padding, dilation, tf32),
-        "torch": lambda: _in_kernel_layout(conv2d_reference(x, w, m, bias, stride, padding, dilation), x),
-    })()
+    def reference(per_model: bool):
+        return lambda: _in_kernel_layout(conv2d_reference(x, w, m, bias, stride, padding, dilation,
+                                                          per_model=per_model), x)
+
+    candidates = {"triton": lambda: masked_conv.conv_forward(x, w, m, bias, stride, padding, dilation,
+                                                             _allow_tf32_conv()),
+                  "torch": reference(False)}
+    if x.shape[0] > 1:  # one batch per model: K convolutions may beat one grouped convolution
+        candidates["torch_per_model"] = reference(True)
+    return _pick(_conv_key(x, w, m, bias, stride, padding, dilation), candidates)()
 
 
 @_conv_op.register_fake
@@ -214,6 +226,38 @@ def _stacked_conv_input(input: Tensor, K: int, holder: str, channels: int, group
     return _one_batch_if_expanded(x)
 
 
+def _stacked_conv_args(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor], stride, padding,
+                       dilation, groups: int) -> tuple:
+    """A stacked conv's arguments checked (errors name the argument) and brought to the op's form:
+    (x [K or 1, N, C, H, W], weight, boolean mask, bias, stride pair, (top, bottom, left, right), dilation pair)."""
+    _check_float("input", input)
+    _check_float("weight", weight)
+    if weight.dim() != 5:
+        raise ValueError(f"weight must be [K, O, C/groups, R, S] (5-d), got shape {tuple(weight.shape)}")
+    K = weight.shape[0]
+    x = _stacked_conv_input(input, K, "weight", weight.shape[2] * groups, groups)
+    if bias is not None and tuple(bias.shape) != (K, weight.shape[1]):
+        raise ValueError(f"bias must have shape {(K, weight.shape[1])}, got {tuple(bias.shape)}")
+    _check_devices(input=input, weight=weight, mask=mask, bias=bias)
+    mask = check_mask(mask, weight.shape, stacked=True)
+    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    pads = _conv_padding(padding, tuple(weight.shape[-2:]), stride, dilation)
+    x, weight, bias = _autocast(x, weight, bias)
+    if x.dtype != weight.dtype:
+        raise TypeError(f"input ({x.dtype}) and weight ({weight.dtype}) must have one dtype")
+    return x, weight, mask, bias, stride, pads, dilation
+
+
+def _conv_route(x, weight, mask, bias, stride, pads, dilation, groups: int) -> Optional[str]:
+    """Where a checked stacked conv runs: None for the custom op (the Triton kernels or, while
+    undecided, the per-shape timing), else plain torch ops: "reference" off the kernels' ground
+    (CPU, float64, groups, functorch), or the torch candidate the dispatch chose (see _chosen_torch)."""
+    if groups != 1 or torch._C._are_functorch_transforms_active() or not backend.use_triton(x, weight):
+        return "reference"
+    return _chosen_torch(_conv_key(x, weight, mask, bias, stride, pads, dilation),
+                         lambda: _conv_op(x, weight, mask, bias, list(stride), pads, list(dilation)))
+
+
 def stacked_masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None,
                           stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
     """Masked conv2d of K models at once: ``y[k] = F.conv2d(x[k], weight[k] * mask[k], bias[k], ...)``.
@@ -233,24 +277,13 @@ def stacked_masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Opt
         keep = torch.rand_like(w) > 0.8                  # each model's own mask
         y = stacked_masked_conv2d(torch.randn(4, 32, 3, 8, 8), w, keep, padding=1)   # [4, 32, 16, 8, 8]
     """
-    _check_float("input", input)
-    _check_float("weight", weight)
-    if weight.dim() != 5:
-        raise ValueError(f"weight must be [K, O, C/groups, R, S] (5-d), got shape {tuple(weight.shape)}")
-    K = weight.shape[0]
-    x = _stacked_conv_input(input, K, "weight", weight.shape[2] * groups, groups)
-    if bias is not None and tuple(bias.shape) != (K, weight.shape[1]):
-        raise ValueError(f"bias must have shape {(K, weight.shape[1])}, got {tuple(bias.shape)}")
-    _check_devices(input=input, weight=weight, mask=mask, bias=bias)
-    mask = check_mask(mask, weight.shape, stacked=True)
-    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
-    pads = _conv_padding(padding, tuple(weight.shape[-2:]), stride, dilation)
-    x, weight, bias = _autocast(x, weight, bias)
-    if x.dtype != weight.dtype:
-        raise TypeError(f"input ({x.dtype}) and weight ({weight.dtype}) must have one dtype")
-    if groups != 1 or torch._C._are_functorch_transforms_active() or not backend.use_triton(x, weight):
-        return conv2d_reference(x, weight, mask, bias, stride, pads, dilation, groups)
-    return _conv_op(x, weight, mask, bias, list(stride), pads, list(dilation))
+    args = _stacked_conv_args(input, weight, mask, bias, stride, padding, dilation, groups)
+    route = _conv_route(*args, groups)
+    if route is None:
+        x, weight, mask, bias, stride, pads, dilation = args
+        return _conv_op(x, weight, mask, bias, list(stride), pads, list(dilation))
+    per_model = {"torch": False, "torch_per_model": True}.get(route)  # "reference": the CPU's rule
+    return conv2d_reference(*args, groups, per_model=per_model)
 
 
 def masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None,
@@ -272,11 +305,16 @@ def masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Te
     if input.dim() not in (3, 4):
         raise ValueError(f"input must be [N, C, H, W] or [C, H, W], got shape {tuple(input.shape)}")
     mask = check_mask(mask, weight.shape)
+    args = _stacked_conv_args(input.unsqueeze(0) if unbatched else input, weight.unsqueeze(0), mask.unsqueeze(0),
+                              None if bias is None else bias.unsqueeze(0), stride, padding, dilation, groups)
+    if _conv_route(*args, groups) is not None:
+        # Plain torch: the one convolution itself, without the stacked form's views (their autograd
+        # nodes cost ~0.2 ms of host time per forward and backward at small sizes on the CPU).
+        return F.conv2d(input, weight * mask, bias, stride, padding, dilation, groups)
+    x, w, m, b, stride, pads, dilation = args
     # squeeze, not [0]: its backward is a view of the incoming gradient, where select's would be a
     # zero-filled copy in NCHW order whatever the layout (a channels_last backward would read NCHW).
-    y = stacked_masked_conv2d(input.unsqueeze(0) if unbatched else input, weight.unsqueeze(0), mask.unsqueeze(0),
-                              None if bias is None else bias.unsqueeze(0), stride, padding, dilation,
-                              groups).squeeze(0)
+    y = _conv_op(x, w, m, b, list(stride), pads, list(dilation)).squeeze(0)
     return y.squeeze(0) if unbatched else y
 
 
@@ -292,16 +330,19 @@ def interpolated_conv2d_reference(x, w_a, w_b, m, alphas, bias_a, bias_b, stride
 
 
 
+def _interpolated_conv_key(x, w_a, m, alphas, bias_a, stride, padding, dilation) -> tuple:
+    return _key(x, w_a, m, alphas, extra=("interpolated_conv_fwd", bias_a is None, *stride, *padding, *dilation,
+                                          _allow_tf32_conv()))
+
+
 @torch.library.custom_op("fastmask::interpolated_masked_conv2d", mutates_args=())
 def _interpolated_conv_op(x: Tensor, w_a: Tensor, w_b: Tensor, m: Tensor, alphas: Tensor, bias_a: Optional[Tensor],
                           bias_b: Optional[Tensor], stride: List[int], padding: List[int],
                           dilation: List[int]) -> Tensor:
     from fastmask.kernels import masked_conv
 
-    tf32 = _allow_tf32_conv()
-    key = _key(x, w_a, m, alphas, extra=("interpolated_conv_fwd", bias_a is None, *stride, *padding, *dilation, tf32))
-    return _pick(key, {
-        "triton": lambda: masked_conv.conv_forward(x, w_a, m, bias_a, stride, padding, dilation, tf32,
+    return _pick(_interpolated_conv_key(x, w_a, m, alphas, bias_a, stride, padding, dilation), {
+        "triton": lambda: masked_conv.conv_forward(x, w_a, m, bias_a, stride, padding, dilation, _allow_tf32_conv(),
                                                    w_b=_laid_out_like(w_b, w_a),
                                                    bias_b=None if bias_b is None else _laid_out_like(bias_b, bias_a),
                                                    alphas=alphas),
@@ -362,5 +403,9 @@ def interpolated_masked_conv2d(input: Tensor, weight_a: Tensor, weight_b: Tensor
     bias_b = None if bias_b is None else bias_b.unsqueeze(0)
     if groups != 1 or torch._C._are_functorch_transforms_active() or not backend.use_triton(x, w_a):
         return interpolated_conv2d_reference(x, w_a, w_b, m, alphas, bias_a, bias_b, stride, pads, dilation, groups)
-    return _interpolated_conv_op(x, w_a, w_b, m, alphas.float().contiguous(), bias_a, bias_b, list(stride), pads,
-                                 list(dilation))
+    alphas = alphas.float().contiguous()
+    op = lambda: _interpolated_conv_op(x, w_a, w_b, m, alphas, bias_a, bias_b, list(stride), pads,  # noqa: E731
+                                       list(dilation))
+    if _chosen_torch(_interpolated_conv_key(x, w_a, m, alphas, bias_a, stride, pads, dilation), op) is not None:
+        return interpolated_conv2d_reference(x, w_a, w_b, m, alphas, bias_a, bias_b, stride, pads, dilation)
+    return op()

@@ -12,12 +12,14 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastmask import backend
 from fastmask.masks import check as check_mask
-from fastmask.ops._common import (_allow_tf32_matmul, _autocast, _check_devices, _check_float, _interpolation_args,
-                                  _key, _laid_out_like, _one_batch_if_expanded, _pick, interpolate_weights)
+from fastmask.ops._common import (_allow_tf32_matmul, _autocast, _check_devices, _check_float, _chosen_torch,
+                                  _interpolation_args, _key, _laid_out_like, _one_batch_if_expanded, _pick,
+                                  interpolate_weights)
 
 
 # ----------------------------------------------------------------------------- torch reference
@@ -33,13 +35,16 @@ def linear_reference(x, w, m, bias):
 # ----------------------------------------------------------------------------- linear op
 
 
+def _linear_key(x, w, m, bias) -> tuple:
+    return _key(x, w, m, extra=("linear_fwd", bias is None, _allow_tf32_matmul()))
+
+
 @torch.library.custom_op("fastmask::stacked_masked_linear", mutates_args=())
 def _linear_op(x: Tensor, w: Tensor, m: Tensor, bias: Optional[Tensor]) -> Tensor:
     from fastmask.kernels import masked_matmul
 
-    tf32 = _allow_tf32_matmul()
-    return _pick(_key(x, w, m, extra=("linear_fwd", bias is None, tf32)), {
-        "triton": lambda: masked_matmul.linear_forward(x, w, m, bias, tf32),
+    return _pick(_linear_key(x, w, m, bias), {
+        "triton": lambda: masked_matmul.linear_forward(x, w, m, bias, _allow_tf32_matmul()),
         "torch": lambda: linear_reference(x, w, m, bias),
     })()
 
@@ -119,16 +124,9 @@ def _stacked_linear_input(input: Tensor, K: int, holder: str, in_features: int) 
     return _one_batch_if_expanded(x)
 
 
-def stacked_masked_linear(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """Masked linear of K models at once: ``y[k] = F.linear(x[k], weight[k] * mask[k], bias[k])``.
-
-    Args:
-        input: ``[K, B, in]`` (one batch per model) or ``[B, in]`` (shared by all K).
-        weight: ``[K, out, in]``; mask: boolean (or 0/1) of that shape or ``[1, out, in]``.
-        bias: ``[K, out]`` or None.
-
-    Returns ``[K, B, out]``, computed in one kernel launch.
-    """
+def _stacked_linear_args(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor]) -> tuple:
+    """A stacked linear's arguments checked (errors name the argument) and brought to the op's form:
+    (x [K or 1, B, in], weight, boolean mask, bias)."""
     _check_float("input", input)
     _check_float("weight", weight)
     if weight.dim() != 3:
@@ -142,9 +140,28 @@ def stacked_masked_linear(input: Tensor, weight: Tensor, mask: Tensor, bias: Opt
     x, weight, bias = _autocast(x, weight, bias)
     if x.dtype != weight.dtype:
         raise TypeError(f"input ({x.dtype}) and weight ({weight.dtype}) must have one dtype")
-    if torch._C._are_functorch_transforms_active() or not backend.use_triton(x, weight):
-        return linear_reference(x, weight, mask, bias)
-    return _linear_op(x, weight, mask, bias)
+    return x, weight, mask, bias
+
+
+def _plain_linear(x, weight, mask, bias) -> bool:
+    """Whether a checked stacked linear runs as plain torch ops rather than its custom op: off the
+    kernels' ground (CPU, float64, functorch), or where the dispatch chose torch (see _chosen_torch)."""
+    return (torch._C._are_functorch_transforms_active() or not backend.use_triton(x, weight)
+            or _chosen_torch(_linear_key(x, weight, mask, bias), lambda: _linear_op(x, weight, mask, bias)) is not None)
+
+
+def stacked_masked_linear(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """Masked linear of K models at once: ``y[k] = F.linear(x[k], weight[k] * mask[k], bias[k])``.
+
+    Args:
+        input: ``[K, B, in]`` (one batch per model) or ``[B, in]`` (shared by all K).
+        weight: ``[K, out, in]``; mask: boolean (or 0/1) of that shape or ``[1, out, in]``.
+        bias: ``[K, out]`` or None.
+
+    Returns ``[K, B, out]``, computed in one kernel launch.
+    """
+    args = _stacked_linear_args(input, weight, mask, bias)
+    return linear_reference(*args) if _plain_linear(*args) else _linear_op(*args)
 
 
 def masked_linear(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -164,13 +181,12 @@ def masked_linear(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Te
         raise ValueError("input must have at least one dimension")
     mask = check_mask(mask, weight.shape)
     lead = input.shape[:-1]
-    y = stacked_masked_linear(input.reshape(1, -1, input.shape[-1]), weight.unsqueeze(0), mask.unsqueeze(0),
-                              None if bias is None else bias.unsqueeze(0))
-    return y.reshape(*lead, weight.shape[0])
+    args = _stacked_linear_args(input.reshape(1, -1, input.shape[-1]), weight.unsqueeze(0), mask.unsqueeze(0),
+                                None if bias is None else bias.unsqueeze(0))
+    if _plain_linear(*args):  # the one linear itself, without the stacked form's views (as masked_conv2d)
+        return F.linear(input, weight * mask, bias)
+    return _linear_op(*args).reshape(*lead, weight.shape[0])
 
-
-
-# ----------------------------------------------------------------------------- interpolated form
 
 
 def interpolated_linear_reference(x, w_a, w_b, m, alphas, bias_a, bias_b):
@@ -181,16 +197,19 @@ def interpolated_linear_reference(x, w_a, w_b, m, alphas, bias_a, bias_b):
 
 
 
+def _interpolated_linear_key(x, w_a, m, alphas, bias_a) -> tuple:
+    return _key(x, w_a, m, alphas, extra=("interpolated_linear_fwd", bias_a is None, _allow_tf32_matmul()))
+
+
 @torch.library.custom_op("fastmask::interpolated_masked_linear", mutates_args=())
 def _interpolated_linear_op(x: Tensor, w_a: Tensor, w_b: Tensor, m: Tensor, alphas: Tensor, bias_a: Optional[Tensor],
                             bias_b: Optional[Tensor]) -> Tensor:
     from fastmask.kernels import masked_matmul
 
-    tf32 = _allow_tf32_matmul()
-    return _pick(_key(x, w_a, m, alphas, extra=("interpolated_linear_fwd", bias_a is None, tf32)), {
+    return _pick(_interpolated_linear_key(x, w_a, m, alphas, bias_a), {
         "triton": lambda: masked_matmul.interpolated_linear_forward(
             x, w_a, _laid_out_like(w_b, w_a), m, bias_a, None if bias_b is None else _laid_out_like(bias_b, bias_a),
-            alphas, tf32),
+            alphas, _allow_tf32_matmul()),
         "torch": lambda: interpolated_linear_reference(x, w_a, w_b, m, alphas, bias_a, bias_b),
     })()
 
@@ -230,4 +249,8 @@ def interpolated_masked_linear(input: Tensor, weight_a: Tensor, weight_b: Tensor
     bias_b = None if bias_b is None else bias_b.unsqueeze(0)
     if torch._C._are_functorch_transforms_active() or not backend.use_triton(x, w_a):
         return interpolated_linear_reference(x, w_a, w_b, m, alphas, bias_a, bias_b)
-    return _interpolated_linear_op(x, w_a, w_b, m, alphas.float().contiguous(), bias_a, bias_b)
+    alphas = alphas.float().contiguous()
+    op = lambda: _interpolated_linear_op(x, w_a, w_b, m, alphas, bias_a, bias_b)  # noqa: E731
+    if _chosen_torch(_interpolated_linear_key(x, w_a, m, alphas, bias_a), op) is not None:  # see _chosen_torch
+        return interpolated_linear_reference(x, w_a, w_b, m, alphas, bias_a, bias_b)
+    return op()
