@@ -12,8 +12,9 @@ Semantics, on either path: each step equals the torch optimizer's step (``torch.
 ``torch.optim.AdamW``, same hyperparameters) followed by zeroing the pruned entries of every
 masked parameter *and of its optimizer state* (momentum buffer, Adam moments). Pruned weights are
 therefore exactly 0.0 after every step and never come back, and the state of a pruned entry stays
-0.0, so unpruned entries follow exactly the trajectory torch + re-masking gives. Gradients are
-read, never modified.
+0.0, so unpruned entries follow exactly the trajectory torch + re-masking gives. (The torch path
+zeroes by multiplying with the 0/1 mask: a pruned entry may be -0.0, equal to 0.0, and one that
+became Inf or NaN stays NaN.) Gradients are read, never modified.
 
 Example::
 

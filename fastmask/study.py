@@ -6,8 +6,9 @@ the four papers judged from the numbers.
 trained from the rewind weights on the real data with different data orders, as one stack (or
 several, or stacks of one: ``stack_size``), so that copies ``(2s, 2s + 1)`` are seed s's pair.
 Each copy's test accuracy is a retrained network's accuracy; each pair is interpolated on the
-train and the test data (``fastmask.lmc.interpolate``: error and loss barriers); the first copy's
-Hessian trace (``fastmask.hessian``) is taken with its standard error. No network is trained twice.
+train and the test data (``fastmask.lmc.interpolate``: error and loss barriers); the Hessian trace
+(``fastmask.hessian``) of each seed's first copy gives the trace's mean and std over seeds, beside
+the probes' standard error of that mean. No network is trained twice.
 
 ``per_example_barriers(model_a, model_b, alphas, data)``: each example's loss barrier along the
 segment between two networks (max over alpha of its loss minus the mean of its endpoint losses),
@@ -113,9 +114,10 @@ def measure(model: nn.Module, masks: Optional[dict[str, Tensor]], rewind: dict[s
     accuracies and the test interpolations (None: all). ``hessian_batches``: the ``(inputs, targets)`` batches of the
     Hessian's mean loss (empty: no Hessian). Returns the entry (``density``,
     ``test_accuracy_mean`` / ``_std`` and ``test_accuracies`` (one per seed: the mean of its
-    pair), ``barrier_{error,loss}_{test,train}_mean`` / ``_std``, ``hessian_trace``,
-    ``hessian_trace_stderr``, ``curve_seed0``: seed 0's ``{"alphas", "{test,train}_{error,loss}"}``)
-    and seed 0's trained pair.
+    pair), ``barrier_{error,loss}_{test,train}_mean`` / ``_std``, ``hessian_trace`` / ``_std``
+    (mean and std over the seeds' first copies), ``hessian_traces`` (one per seed),
+    ``hessian_trace_stderr`` (the probes' standard error of the mean), ``curve_seed0``: seed 0's
+    ``{"alphas", "{test,train}_{error,loss}"}``) and seed 0's trained pair.
     """
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
@@ -141,11 +143,14 @@ def measure(model: nn.Module, masks: Optional[dict[str, Tensor]], rewind: dict[s
         for split in ("test", "train"):
             key = f"barrier_{quantity}_{split}"
             entry[f"{key}_mean"], entry[f"{key}_std"] = _mean_std(per_seed[f"{quantity}_{split}"])
-    entry["hessian_trace"] = entry["hessian_trace_stderr"] = None
-    if hessian_batches:
-        curvature = hessian.hessian_diag(copies[0], F.cross_entropy, hessian_batches, num_probes=hessian_probes,
-                                         seed=seed)
-        entry["hessian_trace"], entry["hessian_trace_stderr"] = curvature.trace, curvature.trace_stderr
+    entry["hessian_trace"] = entry["hessian_trace_std"] = entry["hessian_trace_stderr"] = None
+    entry["hessian_traces"] = []
+    if hessian_batches:  # each seed's first copy, with the same probes (the differences are the networks')
+        estimates = [hessian.hessian_diag(copies[2 * s], F.cross_entropy, hessian_batches, num_probes=hessian_probes,
+                                          seed=seed) for s in range(seeds)]
+        entry["hessian_traces"] = [e.trace for e in estimates]
+        entry["hessian_trace"], entry["hessian_trace_std"] = _mean_std(entry["hessian_traces"])
+        entry["hessian_trace_stderr"] = _spread(*(e.trace_stderr for e in estimates)) / seeds
     return entry, (copies[0], copies[1])
 
 
@@ -212,6 +217,15 @@ def _held(entries: list[dict], dense: dict) -> float:
     return min(held) if held else 1.0
 
 
+def trace_spread(entry: dict) -> float:
+    """The error of an entry's Hessian trace: its std over seeds, or with one seed the probes' standard error."""
+    return entry.get("hessian_trace_std") or entry["hessian_trace_stderr"]
+
+
+def _trace(entry: dict) -> str:
+    return f"{entry['hessian_trace']:.4g} ± {trace_spread(entry):.2g}"
+
+
 def _pct(entry: dict, key: str) -> str:
     return f"{100 * entry[key + '_mean']:.2f} ± {100 * entry[key + '_std']:.2f}%"
 
@@ -245,10 +259,8 @@ def claims(arms: dict[str, list[dict]], per_example: dict[str, dict], seeds: int
                      _spread(r["barrier_error_test_std"], d["barrier_error_test_std"])))
         if d["hessian_trace"] is not None and r["hessian_trace"] is not None:
             add("Synthetic subnetworks sit in flatter regions: smaller Hessian trace than real-IMP subnetworks",
-                f"density {d['density']:.3f}: trace distilled {d['hessian_trace']:.4g} ± "
-                f"{d['hessian_trace_stderr']:.2g} vs real {r['hessian_trace']:.4g} ± {r['hessian_trace_stderr']:.2g}",
-                _compare(r["hessian_trace"], d["hessian_trace"],
-                         _spread(r["hessian_trace_stderr"], d["hessian_trace_stderr"])))
+                f"density {d['density']:.3f}: trace distilled {_trace(d)} vs real {_trace(r)}",
+                _compare(r["hessian_trace"], d["hessian_trace"], _spread(trace_spread(r), trace_spread(d))))
     if "distilled" in arms:
         d = last["distilled"]
         spread = _spread(dense["barrier_error_test_std"], d["barrier_error_test_std"])

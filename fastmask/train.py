@@ -307,6 +307,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int | Sequence[
             with its own seed, and load the results back into the stack: the same weights as the
             stacked pass up to float rounding (bit for bit those of K plain ``fit`` calls). None:
             on the devices of ``STACK_ONE_AT_A_TIME_DEVICES`` (the CPU and CUDA), where it is faster.
+            A ``checkpoint`` that holds a state resumes on the path that saved it, whatever this says.
 
     Data parallel when ``fastmask.distributed.active()`` (see the module docstring): call it on
     every rank with the same arguments; the batch size is the global one.

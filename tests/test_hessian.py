@@ -296,9 +296,10 @@ def test_probe_batch_that_runs_out_of_memory_is_retried_smaller(monkeypatch):
     assert not MeasuredBatcher(None, 11, None).shrink(1)
 
 
-def test_probe_batches_measured_at_one_size_give_a_size(monkeypatch):
-    """With 2 probes in all, CUDA's two measured batches hold one probe each (seen on an H200 with
-    ``hessian.num_probes=2``: a division by zero); the whole peak per probe sizes the rest."""
+def test_cuda_probe_batch_size_from_the_measured_peaks(monkeypatch):
+    """CUDA's probe batches after the two measured ones: the second probe's cost against the free
+    memory, at most ``CUDA_PROBE_BYTES``; with 2 probes in all both measured batches hold one (seen
+    on an H200 with ``hessian.num_probes=2``: a division by zero), and the whole peak per probe counts."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10**9, 2 * 10**9))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 0)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 0)
@@ -308,6 +309,8 @@ def test_probe_batches_measured_at_one_size_give_a_size(monkeypatch):
     assert batcher._fitting_size() == int(batcher.MEMORY_FRACTION * 10**9 // 125)
     batcher.peaks[:] = [(1, 100), (2, 150)]  # the usual case: the second probe's cost, 50
     assert batcher._fitting_size() == int((batcher.MEMORY_FRACTION * 10**9 - 50) // 50)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10**12, 2 * 10**12))  # a large card
+    assert batcher._fitting_size() == int((batcher.CUDA_PROBE_BYTES - 50) // 50)  # at most CUDA_PROBE_BYTES
 
 
 def test_float32_model_agrees_with_float64():

@@ -1,6 +1,7 @@
 """The study stage: a tiny study end to end through the pipeline, its results.json keys and claims,
 resume after a kill, stacks against stacks of one, and bad configurations."""
 import json
+import statistics
 import types
 
 import pytest
@@ -19,7 +20,7 @@ TINY = ["device=cpu", "data.train_size=400", "model.width=8", "train.steps=8", "
         "study.arms=[real,distilled,random]", "study.seeds=2", "study.train_examples=64"]
 ENTRY_KEYS = {"density", "test_accuracy_mean", "test_accuracy_std", "barrier_error_test_mean",
               "barrier_error_test_std", "barrier_error_train_mean", "barrier_loss_test_mean", "hessian_trace",
-              "hessian_trace_stderr", "train_points_used"}
+              "hessian_trace_std", "hessian_traces", "hessian_trace_stderr", "train_points_used"}
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,16 @@ def test_results_have_the_issue_keys_and_valid_claims(finished):
             assert ENTRY_KEYS <= set(entry), arm
             assert len(entry["test_accuracies"]) == 2
             assert entry["test_accuracy_std"] >= 0 and entry["hessian_trace_stderr"] > 0
+            traces = entry["hessian_traces"]  # one per seed, from different networks
+            assert len(traces) == 2 and traces[0] != traces[1]
+            assert entry["hessian_trace"] == pytest.approx(statistics.fmean(traces), rel=1e-12)
+            assert entry["hessian_trace_std"] == pytest.approx(statistics.stdev(traces), rel=1e-12)
+    # the landscape stage draws dense / real / distilled; the study the other arms' last subnetworks
+    assert set(result["landscapes"]) == {"random"}
+    plane = result["landscapes"]["random"]
+    assert len(plane["loss"]) == 3 and all(len(row) == 3 for row in plane["loss"])  # landscape.grid=3
+    assert (finished / "plots" / "study_landscape_random.png").stat().st_size > 0
+    assert "study_landscape_random.png" in (finished / "report.md").read_text()
     # the dense network is measured once and shared by every arm rewound to the same point
     first = [{k: v for k, v in entries[0].items() if k != "train_points_used"} for entries in result["arms"].values()]
     assert first[0] == first[1] == first[2]

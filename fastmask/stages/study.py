@@ -2,8 +2,10 @@
 IMP with real data, with the distilled set, a hybrid, subset- or easy-pretrained rewind points,
 random masks) measured at every density with ``study.seeds`` pairs of copies trained as one stack
 (``fastmask.study.measure``: accuracy, instability, Hessian trace), per-example linear mode
-connectivity of the dense network and each arm's last subnetwork, and the papers' claims judged
-from those numbers (``fastmask.study.claims``).
+connectivity of the dense network and each arm's last subnetwork, the loss landscape of each
+arm's last subnetwork that the landscape stage does not draw (hybrid, subset, easy, random: the
+plane through its masked rewind weights and seed 0's pair, with ``landscape.enabled``), and the
+papers' claims judged from those numbers (``fastmask.study.claims``).
 
 The masks: the real and distilled arms are the imp stage's own IMP runs (the same settings:
 ``imp.rounds``, ``imp.rate``, ``imp.rewind_step``, ``imp.scope``), read back through
@@ -20,8 +22,9 @@ units are dealt out over the ranks.
 
 Result: ``{"seeds", "stacked", "arms": {arm: [entry per density, densest first]},
 "per_example_lmc": {network: {"fraction", "threshold", "histogram", "mean_barrier"}},
-"curves": {network: seed 0's interpolation curves}, "claims": [{"claim", "evidence", "verdict"}]}``
-(network: ``dense`` and each arm's last subnetwork); entries as ``fastmask.study.measure`` gives them
+"curves": {network: seed 0's interpolation curves}, "landscapes": {arm: {"x", "y", "loss", "error",
+"points"}}, "claims": [{"claim", "evidence", "verdict"}]}`` (network: ``dense`` and each arm's last
+subnetwork; landscapes: as the landscape stage's, for the arms it does not draw); entries as ``fastmask.study.measure`` gives them
 plus ``round`` and ``train_points_used``. ``{}`` when ``study.arms`` is empty (the default).
 
 Stacks against stacks of one (``study.stacked=false``): the same study, every copy trained alone;
@@ -29,11 +32,12 @@ the results are the same up to float rounding, the time is what differs (README,
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
 
-from fastmask import distributed, io, plots, prune, study
+from fastmask import distributed, io, landscape, masks as masks_module, plots, prune, study
 from fastmask.stages import distill, imp
 from fastmask.stages.base import Context, ReportContext, Stage, positive
 
@@ -144,6 +148,9 @@ def run(ctx: Context) -> dict:
                 continue
             names[arm, r] = f"{arm}_{r}"
             units[names[arm, r]] = (mask, rewind, r == len(masks) - 1)
+    # the landscape stage draws the imp stage's networks; the study draws its other arms' last subnetworks
+    planes = {names[arm, len(masks) - 1]: arm for arm, (_, masks, _) in found.items()
+              if arm not in imp.NETWORKS and cfg.landscape.enabled}
 
     def compute(unit: str) -> dict:
         masks, rewind, per_example = units[unit]
@@ -157,6 +164,8 @@ def run(ctx: Context) -> dict:
             barriers = study.per_example_barriers(*pair, cfg.lmc.alphas,
                                                   study.first_examples(train, cfg.study.train_examples))
             entry["per_example_lmc"] = study.connectivity(barriers, cfg.study.lmc_threshold, cfg.study.histogram_bins)
+        if unit in planes:
+            entry["landscape"] = _plane(ctx, model, masks, rewind, pair, planes[unit])
         ctx.log({"stage": "study", "unit": unit, "test_accuracy_mean": entry["test_accuracy_mean"],
                  "barrier_error_test_mean": entry["barrier_error_test_mean"]})
         return entry
@@ -164,17 +173,34 @@ def run(ctx: Context) -> dict:
     measured = distributed.map_units(list(units), compute, ctx.path("units", "study"))
     out_arms, per_example = {}, {"dense": measured["dense"]["per_example_lmc"]}
     curves = {"dense": measured["dense"]["curve_seed0"]}
+    landscapes = {arm: measured[unit]["landscape"] for unit, arm in planes.items()}
     for arm, (_, masks, points) in found.items():
         entries = []
         for r in range(len(masks)):
             entry = {key: value for key, value in measured[names[arm, r]].items()
-                     if key not in ("per_example_lmc", "curve_seed0")}
+                     if key not in ("per_example_lmc", "curve_seed0", "landscape")}
             entries.append({"round": r, **entry, "train_points_used": points[r]})
         out_arms[arm] = entries
         last = measured[names[arm, len(masks) - 1]]
         per_example[arm], curves[arm] = last["per_example_lmc"], last["curve_seed0"]
     return {"seeds": cfg.study.seeds, "stacked": cfg.study.stacked, "arms": out_arms, "per_example_lmc": per_example,
-            "curves": curves, "claims": study.claims(out_arms, per_example, cfg.study.seeds)}
+            "curves": curves, "landscapes": landscapes, "claims": study.claims(out_arms, per_example, cfg.study.seeds)}
+
+
+def _plane(ctx: Context, model, masks: dict, rewind: dict, pair, arm: str) -> dict:
+    """The landscape stage's plane for a study arm: through its masked rewind weights and seed 0's
+    pair, on the study's test examples; drawn as ``plots/study_landscape_<arm>.png``."""
+    start = copy.deepcopy(model)
+    start.load_state_dict(rewind)
+    masks_module.apply(start, masks or {})
+    grid = (ctx.cfg.landscape.grid, ctx.cfg.landscape.grid)
+    result = landscape.plane(start, *pair, study.first_examples(ctx.splits.test, ctx.cfg.study.test_examples),
+                             grid=grid, progress=ctx.progress)
+    result.save_plot(ctx.path("plots", f"study_landscape_{arm}.png"),
+                     title=f"Test loss on the plane of the {arm} arm's last subnetwork\n"
+                           f"{plots.subject(ctx.folder, ctx.cfg.model.name, ctx.cfg.data.name)}",
+                     markers="w0: the rewind weights (masked); w1, w2: seed 0's two copies")
+    return result.to_dict()
 
 
 def report(result: dict, ctx: ReportContext) -> list[str]:
@@ -186,7 +212,7 @@ def report(result: dict, ctx: ReportContext) -> list[str]:
              "Hessian trace | training points |", "|---|---|---|---|---|---|---|---|"]
     for arm, entries in arms.items():
         for e in entries:
-            trace = "" if e["hessian_trace"] is None else f"{e['hessian_trace']:.4g} ± {e['hessian_trace_stderr']:.2g}"
+            trace = "" if e["hessian_trace"] is None else f"{e['hessian_trace']:.4g} ± {study.trace_spread(e):.2g}"
             lines.append(f"| {arm} | {e['density']:.4f} | {100 * e['test_accuracy_mean']:.2f} ± "
                          f"{100 * e['test_accuracy_std']:.2f}% | {100 * e['barrier_error_test_mean']:.2f} ± "
                          f"{100 * e['barrier_error_test_std']:.2f}% | {100 * e['barrier_error_train_mean']:.2f} ± "
@@ -200,14 +226,19 @@ def report(result: dict, ctx: ReportContext) -> list[str]:
                      f"{lmc_result['mean_barrier']:.4f} |")
     lines += ["", "### Claims", "", "| claim | evidence (this run) | verdict |", "|---|---|---|"]
     lines += [f"| {c['claim']} | {c['evidence']} | **{c['verdict']}** |" for c in result["claims"]]
-    lines += ["", "Verdicts: a difference beyond one standard deviation (over seeds; the Hessian's: its standard "
-              "error) decides; within it, \"inconclusive\" (for a claim that one arm matches another: \"supported\").", ""]
+    lines += ["", "Verdicts: a difference beyond one standard deviation (over seeds; with one seed the Hessian's "
+              "probes' standard error) decides; within it, \"inconclusive\" (for a claim that one arm matches another: \"supported\").", ""]
     names = [plots.study_accuracy(arms, ctx.plots / "study_accuracy.png"),
              plots.study_barriers(arms, ctx.plots / "study_barriers.png"),
              plots.study_hessian(arms, ctx.plots / "study_hessian.png"),
              plots.study_curves(result["curves"], ctx.plots / "study_curves.png"),
              plots.study_per_example(result["per_example_lmc"], ctx.plots / "study_per_example_lmc.png")]
-    return lines + [f"![{path.stem}](plots/{path.name})" for path in names if path is not None] + [""]
+    lines += [f"![{path.stem}](plots/{path.name})" for path in names if path is not None]
+    if result.get("landscapes"):
+        lines += ["", "The loss landscape of the arms the landscape stage does not draw: the plane through the "
+                  "masked rewind weights and seed 0's two copies, at the last density.", ""]
+        lines += [f"![study landscape {arm}](plots/study_landscape_{arm}.png)" for arm in result["landscapes"]]
+    return lines + [""]
 
 
 def summary(result: dict) -> str:
