@@ -11,10 +11,10 @@ Contenders for one model, each running the same steps of the same configuration:
 - ``fastmask_no_graph`` (GPU): the same with ``cuda_graph=False`` (every kernel launched from
   Python), which shows what the graph is worth.
 For two models: ``fastmask_sequential_2`` (two ``fit`` calls, one after the other) against
-``fastmask_stack_2`` (one ``fit`` of a ``Stack`` of the two, each with its own data order: the
-stacked pass on a GPU, the models one at a time on the CPU, ``train.STACK_ONE_AT_A_TIME_DEVICES``)
-and the path ``fit`` does not choose on this device, forced: ``fastmask_stack_2_stacked_pass`` on the
-CPU, ``fastmask_stack_2_one_at_a_time`` on a GPU (the measurements behind the choice).
+``fastmask_stack_2`` (one ``fit`` of a ``Stack`` of the two, each with its own data order, on the
+path ``fit`` chooses for the device: ``train.STACK_ONE_AT_A_TIME_DEVICES``, one model at a time on
+the CPU and CUDA) and the other path forced (``fastmask_stack_2_stacked_pass``, or
+``fastmask_stack_2_one_at_a_time`` on a device that trains stacked): the measurement behind the choice.
 
 Cases: on a GPU 10,000 CIFAR-shaped images (3 x 32 x 32), batch 256, random crop and flip, cosine
 schedule, bf16 autocast and channels_last, ConvNet-3 (100 steps; the two-model case is a headline

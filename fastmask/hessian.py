@@ -325,8 +325,8 @@ class _ProbeBatcher:
         fixed = max(peak1 - per_probe * p1, 0)
         free, _ = torch.cuda.mem_get_info(self.device)
         cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        budget = min(self.MEMORY_FRACTION * (free + cached), self.CUDA_PROBE_BYTES)
-        return max(1, int((budget - fixed) // max(per_probe, 1)))
+        budget = min(self.MEMORY_FRACTION * (free + cached) - fixed, self.CUDA_PROBE_BYTES)
+        return max(1, int(budget // max(per_probe, 1)))
 
 
 # ----------------------------------------------------------------------------- public API

@@ -109,7 +109,7 @@ def study_hessian(arms: dict[str, list[dict]], path: Path) -> Path | None:
             drawn = True
     if not drawn:
         return None
-    _density_axis(ax, "Hessian trace of the training loss (± std over seeds)")
+    _density_axis(ax, "Hessian trace of the training loss (± std over seeds; one seed: ± stderr)")
     return save(fig, path)
 
 

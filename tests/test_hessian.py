@@ -310,7 +310,7 @@ def test_cuda_probe_batch_size_from_the_measured_peaks(monkeypatch):
     batcher.peaks[:] = [(1, 100), (2, 150)]  # the usual case: the second probe's cost, 50
     assert batcher._fitting_size() == int((batcher.MEMORY_FRACTION * 10**9 - 50) // 50)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10**12, 2 * 10**12))  # a large card
-    assert batcher._fitting_size() == int((batcher.CUDA_PROBE_BYTES - 50) // 50)  # at most CUDA_PROBE_BYTES
+    assert batcher._fitting_size() == batcher.CUDA_PROBE_BYTES // 50  # the probes' bytes at most CUDA_PROBE_BYTES
 
 
 def test_float32_model_agrees_with_float64():

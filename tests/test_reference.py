@@ -110,6 +110,24 @@ def test_torch_prune_gives_fastmasks_masks_round_after_round(scope, channels_las
         assert prune.density(mine) == fastmask_masks.density(masks)
 
 
+def test_torch_prune_scores_the_current_weights_not_the_last_forwards():
+    """After an optimizer step (no forward since), the next round ranks the updated weights: a pruned
+    module's ``weight`` attribute still holds the last forward's."""
+    torch.manual_seed(2)
+    model = models.create("convnet3", 10, (3, 8, 8), width=8)
+    prune.prune_to_density(model, 0.8, "global")
+    modules = models.prunable_modules(model)
+    with torch.no_grad():  # as an optimizer step would
+        for _, m in modules:
+            m.weight_orig.copy_(torch.randn_like(m.weight_orig))
+    masks = prune.prune_to_density(model, 0.64, "global")
+    current = {name: (m.weight_orig * m.weight_mask).detach().abs() for name, m in modules}
+    flat = torch.cat([w.flatten() for w in current.values()])
+    threshold = flat.topk(round(0.64 * flat.numel())).values.min()
+    for name, weight in current.items():
+        assert torch.equal(masks[f"{name}.weight"], weight >= threshold), name
+
+
 def test_random_masks_keep_the_same_count_in_every_layer():
     model = models.create("convnet3", 10, (3, 8, 8), width=8)
     masks = prune.random_masks(model, 0.3, seed=0)

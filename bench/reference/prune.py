@@ -63,20 +63,22 @@ def prune_to_density(model: nn.Module, target: float, scope: str = "global") -> 
     """Prune the smallest-magnitude surviving weights until ``round(target * size)`` are left,
     over all prunable weights at once (``global``) or per tensor (``layer``); returns the masks."""
     # torch's pruning flattens weights and masks with view(-1), which the channels_last order of the
-    # CUDA training loop refuses: prune in contiguous order (the pruned weight itself is recomputed
-    # from weight_orig at the next forward, so its scores are passed contiguous).
+    # CUDA training loop refuses: prune in contiguous order, scoring the current weights (a pruned
+    # module's `weight` attribute is only recomputed from weight_orig at the next forward).
     model.to(memory_format=torch.contiguous_format)
     modules = prunable_modules(model)
+    scores = {m: (m.weight_orig * m.weight_mask if prune.is_pruned(m) else m.weight).detach().contiguous()
+              for _, m in modules}
     alive = {name: int(mask.sum()) for name, mask in get_masks(model).items()}
     if scope == "global":
         size = sum(m.weight.numel() for _, m in modules)
         prune.global_unstructured([(m, "weight") for _, m in modules], pruning_method=prune.L1Unstructured,
                                   amount=sum(alive.values()) - round(target * size),
-                                  importance_scores={(m, "weight"): m.weight.contiguous() for _, m in modules})
+                                  importance_scores={(m, "weight"): scores[m] for _, m in modules})
     elif scope == "layer":
         for name, m in modules:
             prune.l1_unstructured(m, "weight", amount=alive[f"{name}.weight"] - round(target * m.weight.numel()),
-                                  importance_scores=m.weight.contiguous())
+                                  importance_scores=scores[m])
     else:
         raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
     return get_masks(model)

@@ -243,8 +243,9 @@ def _stacked_conv_args(input: Tensor, weight: Tensor, mask: Tensor, bias: Option
     stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
     pads = _conv_padding(padding, tuple(weight.shape[-2:]), stride, dilation)
     x, weight, bias = _autocast(x, weight, bias)
-    if x.dtype != weight.dtype:
-        raise TypeError(f"input ({x.dtype}) and weight ({weight.dtype}) must have one dtype")
+    for name, t in (("input", x), ("bias", bias)):
+        if t is not None and t.dtype != weight.dtype:
+            raise TypeError(f"{name} ({t.dtype}) and weight ({weight.dtype}) must have one dtype")
     return x, weight, mask, bias, stride, pads, dilation
 
 
@@ -305,6 +306,7 @@ def masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Te
     if input.dim() not in (3, 4):
         raise ValueError(f"input must be [N, C, H, W] or [C, H, W], got shape {tuple(input.shape)}")
     mask = check_mask(mask, weight.shape)
+    input, weight, bias = _autocast(input, weight, bias)  # here, so that both paths see the same tensors
     args = _stacked_conv_args(input.unsqueeze(0) if unbatched else input, weight.unsqueeze(0), mask.unsqueeze(0),
                               None if bias is None else bias.unsqueeze(0), stride, padding, dilation, groups)
     if _conv_route(*args, groups) is not None:

@@ -138,8 +138,9 @@ def _stacked_linear_args(input: Tensor, weight: Tensor, mask: Tensor, bias: Opti
     _check_devices(input=input, weight=weight, mask=mask, bias=bias)
     mask = check_mask(mask, weight.shape, stacked=True)
     x, weight, bias = _autocast(x, weight, bias)
-    if x.dtype != weight.dtype:
-        raise TypeError(f"input ({x.dtype}) and weight ({weight.dtype}) must have one dtype")
+    for name, t in (("input", x), ("bias", bias)):
+        if t is not None and t.dtype != weight.dtype:
+            raise TypeError(f"{name} ({t.dtype}) and weight ({weight.dtype}) must have one dtype")
     return x, weight, mask, bias
 
 
@@ -181,6 +182,7 @@ def masked_linear(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Te
         raise ValueError("input must have at least one dimension")
     mask = check_mask(mask, weight.shape)
     lead = input.shape[:-1]
+    input, weight, bias = _autocast(input, weight, bias)  # here, so that both paths see the same tensors
     args = _stacked_linear_args(input.reshape(1, -1, input.shape[-1]), weight.unsqueeze(0), mask.unsqueeze(0),
                                 None if bias is None else bias.unsqueeze(0))
     if _plain_linear(*args):  # the one linear itself, without the stacked form's views (as masked_conv2d)

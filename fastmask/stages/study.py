@@ -173,7 +173,8 @@ def run(ctx: Context) -> dict:
     measured = distributed.map_units(list(units), compute, ctx.path("units", "study"))
     out_arms, per_example = {}, {"dense": measured["dense"]["per_example_lmc"]}
     curves = {"dense": measured["dense"]["curve_seed0"]}
-    landscapes = {arm: measured[unit]["landscape"] for unit, arm in planes.items()}
+    # (a unit measured before the study drew planes has none: a resumed old run leaves that arm out)
+    landscapes = {arm: measured[unit]["landscape"] for unit, arm in planes.items() if "landscape" in measured[unit]}
     for arm, (_, masks, points) in found.items():
         entries = []
         for r in range(len(masks)):
