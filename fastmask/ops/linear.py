@@ -191,6 +191,9 @@ def masked_linear(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Te
 
 
 
+# ----------------------------------------------------------------------------- interpolated form
+
+
 def interpolated_linear_reference(x, w_a, w_b, m, alphas, bias_a, bias_b):
     """The interpolated linear in plain torch: x [K or 1, B, in], w_a / w_b / m [1, out, in],
     alphas [K], biases [1, out] or None -> [K, B, out]."""

@@ -20,22 +20,29 @@ class Config:
     grid: int = 11  # points per axis of the plane through the rewind weights and the two LMC copies
 
 
+def draw_plane(ctx: Context, model, masks, rewind: dict, pair, data, name: str, of: str, markers: str) -> dict:
+    """The plane through ``model`` at its ``rewind`` weights under ``masks`` (in place) and the two
+    trained copies ``pair``, on ``data``, drawn as ``plots/<name>.png``; its ``to_dict``."""
+    model.load_state_dict(rewind)  # the rewind state holds all-true mask buffers: set the masks after
+    start = masks_module.apply(model, masks or {})
+    grid = (ctx.cfg.landscape.grid, ctx.cfg.landscape.grid)
+    result = landscape.plane(start, *pair, data, grid=grid, progress=ctx.progress)
+    result.save_plot(ctx.path("plots", f"{name}.png"),
+                     title=f"Test loss on the plane of {of}\n"
+                           f"{plots.subject(ctx.folder, ctx.cfg.model.name, ctx.cfg.data.name)}",
+                     markers=markers)
+    return result.to_dict()
+
+
 def run(ctx: Context) -> dict:
     if not ctx.cfg.landscape.enabled:
         return {}
-    grid = (ctx.cfg.landscape.grid, ctx.cfg.landscape.grid)
 
     def plane(kind: str) -> dict:  # a unit of work, on one rank
         model, masks, rewind = imp.network(ctx, kind)
-        model.load_state_dict(rewind)  # the rewind state holds all-true mask buffers: set the masks after
-        start = masks_module.apply(model, masks or {})
-        model_a, model_b = lmc.trained_pair(ctx, kind)
-        result = landscape.plane(start, model_a, model_b, ctx.splits.test, grid=grid, progress=ctx.progress)
-        result.save_plot(ctx.path("plots", f"landscape_{kind}.png"),
-                         title=f"Test loss on the plane of {plots.LABELS.get(kind, kind)}\n"
-                               f"{plots.subject(ctx.folder, ctx.cfg.model.name, ctx.cfg.data.name)}",
-                         markers="w0: the rewind weights (masked); w1, w2: the two copies trained by the lmc stage")
-        return result.to_dict()
+        return draw_plane(ctx, model, masks, rewind, lmc.trained_pair(ctx, kind), ctx.splits.test, f"landscape_{kind}",
+                          plots.LABELS.get(kind, kind),
+                          "w0: the rewind weights (masked); w1, w2: the two copies trained by the lmc stage")
 
     return distributed.map_units(imp.NETWORKS, plane, ctx.path("units", "landscape"))
 

@@ -37,8 +37,9 @@ import dataclasses
 
 import torch
 
-from fastmask import distributed, io, landscape, masks as masks_module, plots, prune, study
+from fastmask import distributed, io, plots, prune, study
 from fastmask.stages import distill, imp
+from fastmask.stages import landscape as landscape_stage
 from fastmask.stages.base import Context, ReportContext, Stage, positive
 
 
@@ -150,7 +151,7 @@ def run(ctx: Context) -> dict:
             units[names[arm, r]] = (mask, rewind, r == len(masks) - 1)
     # the landscape stage draws the imp stage's networks; the study draws its other arms' last subnetworks
     planes = {names[arm, len(masks) - 1]: arm for arm, (_, masks, _) in found.items()
-              if arm not in imp.NETWORKS and cfg.landscape.enabled}
+              if arm not in imp.NETWORKS} if cfg.landscape.enabled else {}
 
     def compute(unit: str) -> dict:
         masks, rewind, per_example = units[unit]
@@ -165,7 +166,10 @@ def run(ctx: Context) -> dict:
                                                   study.first_examples(train, cfg.study.train_examples))
             entry["per_example_lmc"] = study.connectivity(barriers, cfg.study.lmc_threshold, cfg.study.histogram_bins)
         if unit in planes:
-            entry["landscape"] = _plane(ctx, model, masks, rewind, pair, planes[unit])
+            test = study.first_examples(ctx.splits.test, cfg.study.test_examples)
+            entry["landscape"] = landscape_stage.draw_plane(
+                ctx, copy.deepcopy(model), masks, rewind, pair, test, f"study_landscape_{planes[unit]}",
+                f"the {planes[unit]} arm's last subnetwork", "w0: the rewind weights (masked); w1, w2: seed 0's two copies")
         ctx.log({"stage": "study", "unit": unit, "test_accuracy_mean": entry["test_accuracy_mean"],
                  "barrier_error_test_mean": entry["barrier_error_test_mean"]})
         return entry
@@ -186,22 +190,6 @@ def run(ctx: Context) -> dict:
         per_example[arm], curves[arm] = last["per_example_lmc"], last["curve_seed0"]
     return {"seeds": cfg.study.seeds, "stacked": cfg.study.stacked, "arms": out_arms, "per_example_lmc": per_example,
             "curves": curves, "landscapes": landscapes, "claims": study.claims(out_arms, per_example, cfg.study.seeds)}
-
-
-def _plane(ctx: Context, model, masks: dict, rewind: dict, pair, arm: str) -> dict:
-    """The landscape stage's plane for a study arm: through its masked rewind weights and seed 0's
-    pair, on the study's test examples; drawn as ``plots/study_landscape_<arm>.png``."""
-    start = copy.deepcopy(model)
-    start.load_state_dict(rewind)
-    masks_module.apply(start, masks or {})
-    grid = (ctx.cfg.landscape.grid, ctx.cfg.landscape.grid)
-    result = landscape.plane(start, *pair, study.first_examples(ctx.splits.test, ctx.cfg.study.test_examples),
-                             grid=grid, progress=ctx.progress)
-    result.save_plot(ctx.path("plots", f"study_landscape_{arm}.png"),
-                     title=f"Test loss on the plane of the {arm} arm's last subnetwork\n"
-                           f"{plots.subject(ctx.folder, ctx.cfg.model.name, ctx.cfg.data.name)}",
-                     markers="w0: the rewind weights (masked); w1, w2: seed 0's two copies")
-    return result.to_dict()
 
 
 def report(result: dict, ctx: ReportContext) -> list[str]:
