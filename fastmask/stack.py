@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastmask import ops
-from fastmask.nn import MaskedConv2d, MaskedLinear
+from fastmask.nn import MaskedConv2d, MaskedLinear, is_masked, sparsify
 
 
 def _stacked(tensors: Sequence[Tensor]) -> Tensor:
@@ -73,6 +73,21 @@ class StackedLayer(nn.Module):
                 raise KeyError(f"{type(self).__name__} holds no tensor {name!r}")
 
 
+def _unstack_masked(stacked: StackedLayer, k: int, layer: nn.Module) -> None:
+    """Model k's weight, bias and mask of a stacked masked conv / linear into ``layer``. A plain
+    layer whose mask in the stack prunes something is made masked first (``sparsify``): otherwise
+    a stack of plain models pruned after stacking would split into unpruned models."""
+    layer.weight.data.copy_(stacked.weight[k])
+    if stacked.bias is not None:
+        layer.bias.data.copy_(stacked.bias[k])
+    keep = stacked.mask[k]
+    if not is_masked(layer):
+        if bool(keep.all()):
+            return
+        sparsify(layer)
+    layer.mask.copy_(keep)
+
+
 class StackedMaskedConv2d(StackedLayer):
     """K masked conv layers: weight ``[K, O, C/g, R, S]``, mask of that shape, bias ``[K, O]``."""
 
@@ -93,11 +108,7 @@ class StackedMaskedConv2d(StackedLayer):
                                          self.groups)
 
     def unstack_into(self, k: int, layer: nn.Conv2d):
-        layer.weight.data.copy_(self.weight[k])
-        if self.bias is not None:
-            layer.bias.data.copy_(self.bias[k])
-        if isinstance(layer, MaskedConv2d):
-            layer.mask.copy_(self.mask[k])
+        _unstack_masked(self, k, layer)
 
 
 class StackedMaskedLinear(StackedLayer):
@@ -116,11 +127,7 @@ class StackedMaskedLinear(StackedLayer):
         return y.view(K, *lead, y.shape[-1])
 
     def unstack_into(self, k: int, layer: nn.Linear):
-        layer.weight.data.copy_(self.weight[k])
-        if self.bias is not None:
-            layer.bias.data.copy_(self.bias[k])
-        if isinstance(layer, MaskedLinear):
-            layer.mask.copy_(self.mask[k])
+        _unstack_masked(self, k, layer)
 
 
 class StackedBatchNorm2d(StackedLayer):

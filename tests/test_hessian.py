@@ -528,3 +528,20 @@ def test_bad_inputs():
         top_eigenvalue(mlp(), cross_entropy, batches, iters=0)
     with pytest.raises(ValueError, match="tol"):
         top_eigenvalue(mlp(), cross_entropy, batches, tol=-1.0)
+
+
+def test_hessian_stage_takes_exactly_the_configured_examples():
+    """hessian.examples not a multiple of hessian.batch_size: the last batch is cut at that count."""
+    from types import SimpleNamespace
+
+    from fastmask.data import Dataset
+    from fastmask.stages import hessian as hessian_stage
+
+    train = Dataset(torch.randn(700, 1, 4, 4), torch.randint(0, 3, (700,)), 3, "noise", torch.zeros(1), torch.ones(1))
+    ctx = SimpleNamespace(cfg=SimpleNamespace(hessian=SimpleNamespace(examples=300, batch_size=256)),
+                          splits=SimpleNamespace(train=train))
+    batches = hessian_stage.batches_of(ctx)
+    assert [len(y) for _, y in batches] == [256, 44]
+    assert torch.equal(torch.cat([x for x, _ in batches]), train.images[:300])
+    ctx.cfg.hessian.examples = 5000  # more than the data: all of it
+    assert sum(len(y) for _, y in hessian_stage.batches_of(ctx)) == 700

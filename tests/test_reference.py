@@ -137,6 +137,34 @@ def test_random_masks_keep_the_same_count_in_every_layer():
     assert not torch.equal(masks["head.weight"], prune.random_masks(model, 0.3, seed=1)["head.weight"])
 
 
+def test_imp_with_a_per_round_inner_loop_and_without_retraining(digits):
+    """A per-round schedule of inner loops without retraining: the masks of every round, test
+    accuracies only where a real round trained the mask, the same densities as before."""
+    torch.manual_seed(0)
+    template = models.create("convnet3", 10, (1, 8, 8), width=8)
+    split = {"train": (digits.train.images[:256], digits.train.labels[:256]),
+             "test": (digits.test.images[:100], digits.test.labels[:100]),
+             "distilled": (digits.train.images[:20], digits.train.labels[:20])}
+    retrain_cfg = TrainConfig(steps=8, batch_size=32, lr=0.05, augment=False)
+    inner_cfg = TrainConfig(steps=3, batch_size=10, lr=0.01, augment=False)
+    options = dict(scope="global", inner_cfg=inner_cfg, retrain_cfg=retrain_cfg, seed=0, device=torch.device("cpu"))
+    hybrid = prune.imp(template, split, 3, 0.2, 0, ["distilled", "real", "distilled"], retrain=False, **options)
+    distilled = prune.imp(template, split, 1, 0.2, 0, "distilled", **options)  # retrained: every accuracy
+    assert len(hybrid.masks) == 4 and [r["round"] for r in hybrid.rounds] == [0, 1, 2, 3]
+    assert [r["inner"] for r in hybrid.rounds] == ["dense", "distilled", "real", "distilled"]
+    accuracies = [r["test_accuracy"] for r in hybrid.rounds]
+    assert accuracies[0] is None and accuracies[2] is None and accuracies[3] is None  # not trained on real data
+    assert 0 <= accuracies[1] <= 1  # round 1's mask trained by the real round
+    assert all(0 <= r["test_accuracy"] <= 1 for r in distilled.rounds)
+    size = sum(m.numel() for m in hybrid.masks[0].values())
+    assert [r["density"] for r in hybrid.rounds] == [round(0.8**r * size) / size for r in range(4)]
+    assert [r["train_points_used"] for r in hybrid.rounds] == [0, 30, 30 + 8 * 32, 30 + 8 * 32 + 30]
+    for name, mask in distilled.masks[1].items():  # round 0 trained on the distilled set in both
+        assert torch.equal(hybrid.masks[1][name], mask), name
+    with pytest.raises(ValueError, match="inner"):
+        prune.imp(template, split, 3, 0.2, 0, ["distilled", "real"], **options)
+
+
 def test_training_learns_and_keeps_pruned_weights_exactly_zero(digits):
     torch.manual_seed(0)
     model = models.create("convnet3", 10, (1, 8, 8), width=8, norm="batch")
@@ -284,11 +312,47 @@ def test_unknown_distillation_method_is_refused():
         run_reference(load_config(overrides=["distill.method=dsa", "device=cpu"]))
 
 
+@pytest.mark.parametrize("arm", ["subset", "easy"])
+def test_study_arms_the_reference_does_not_write_are_refused_before_any_work(arm, monkeypatch):
+    from fastmask.config import load_config
+    from bench.reference import pipeline as reference_pipeline, run_reference
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the data was loaded: work started before the refusal")
+
+    monkeypatch.setattr(reference_pipeline.fastmask_data, "load", no_work)
+    cfg = load_config(overrides=[f"study.arms=[real,{arm}]", "imp.rewind_step=2", "device=cpu"])
+    with pytest.raises(ValueError, match=rf"study.arms: \['{arm}'\].*not written in the eager reference"):
+        run_reference(cfg)
+
+
+def test_per_example_barriers_one_alpha_at_a_time_match_fastmasks(digits):
+    from fastmask import study as fastmask_study
+    from bench.reference import study
+
+    (ours_a, ref_a), (ours_b, ref_b) = _twin_models(1, "instance", digits), _twin_models(2, "instance", digits)
+    train = fastmask_study.first_examples(digits.train, 300)
+    expected = fastmask_study.per_example_barriers(ours_a, ours_b, 5, train)
+    barriers = study.per_example_barriers(ref_a, ref_b, lmc.alpha_grid(5),
+                                          eval_loader(*study.first((digits.train.images, digits.train.labels), 300),
+                                                      128), torch.device("cpu"))
+    assert barriers.dtype == torch.float64 and barriers.shape == (300,)
+    torch.testing.assert_close(barriers, expected, rtol=1e-4, atol=1e-4)
+    assert barriers.max() > 0.1  # the segment really has barriers
+    for threshold in (0.05, 10.0):  # the histogram ends at the largest barrier, then at the threshold
+        mine, theirs = study.connectivity(barriers, threshold, 7), fastmask_study.connectivity(expected, threshold, 7)
+        assert mine["fraction"] == theirs["fraction"] and mine["threshold"] == threshold
+        assert mine["histogram"]["edges"] == pytest.approx(theirs["histogram"]["edges"], abs=1e-4)
+        assert mine["histogram"]["counts"] == theirs["histogram"]["counts"]
+        assert mine["mean_barrier"] == pytest.approx(theirs["mean_barrier"], rel=1e-4)
+
+
 # The agreement check: a short digits configuration with BatchNorm (it trains to ~98% in three
 # epochs, so seed noise is small), run by fastmask's pipeline and by the reference (through its CLI).
 AGREEMENT_OVERRIDES = ["device=cpu", "model.norm=batch", "model.width=16", "train.epochs=3", "train.lr=0.1",
                        "imp.rounds=2", "distill.method=random", "distill.eval_seeds=1", "inner_train.steps=30",
-                       "lmc.alphas=5", "landscape.enabled=false", "hessian.num_probes=2", "hessian.examples=128"]
+                       "lmc.alphas=5", "landscape.enabled=false", "hessian.num_probes=2", "hessian.examples=128",
+                       "study.arms=[real,random]", "study.seeds=1", "study.train_examples=256"]
 # Seed noise: the two pipelines draw different data orders (fastmask's Loader against a DataLoader),
 # so they agree as two seeds of one run do. On the 360 digits test images one seed's accuracy varies
 # by about 1 point (measured: 97.2 / 97.8 / 98.9% dense over seeds 0-2; fastmask against the reference
@@ -334,6 +398,32 @@ def test_reference_pipeline_agrees_with_fastmask_on_digits(tmp_path, capsys):
         for error in b["test_error"]:  # BatchNorm statistics interpolated: no collapse along the path
             assert error < 0.2
         assert math.isfinite(r["hessian"][network]["trace"]) and r["hessian"][network]["num_probes"] == 2
+    _check_study(s["study"], r["study"])
+
+
+def _check_study(ours, theirs):
+    """The reference's study against fastmask's (its schema is checked with the whole results')."""
+    assert set(theirs["arms"]) == set(ours["arms"]) == {"real", "random"} and theirs["seeds"] == ours["seeds"] == 1
+    assert set(theirs["per_example_lmc"]) == set(ours["per_example_lmc"]) == {"dense", "real", "random"}
+    for arm in ("real", "random"):
+        assert len(theirs["arms"][arm]) == len(ours["arms"][arm]) == 3
+        for a, b in zip(ours["arms"][arm], theirs["arms"][arm]):
+            assert set(b) == set(a)  # the entries are in lists, which _key_paths does not enter
+            assert (a["round"], a["density"], a["train_points_used"]) == (b["round"], b["density"],
+                                                                          b["train_points_used"])
+            assert abs(a["test_accuracy_mean"] - b["test_accuracy_mean"]) <= ACCURACY_TOLERANCE, (arm, a, b)
+            for key in ("barrier_error_test_mean", "barrier_error_train_mean"):
+                assert abs(a[key] - b[key]) <= BARRIER_TOLERANCE, (arm, key, a[key], b[key])
+            assert len(b["hessian_traces"]) == 1 and math.isfinite(b["hessian_trace"])
+            assert b["hessian_trace_std"] == 0.0 and b["hessian_trace_stderr"] > 0
+        assert theirs["arms"][arm][0] == theirs["arms"]["real"][0]  # round 0: the dense network, measured once
+        assert theirs["curves"][arm]["alphas"] == ours["curves"][arm]["alphas"]
+    for network, connected in theirs["per_example_lmc"].items():
+        assert connected["histogram"]["edges"][0] <= 0 and sum(connected["histogram"]["counts"]) == 256
+        # seed noise, as for the accuracies: measured differences up to 0.055 (256 examples)
+        assert abs(connected["fraction"] - ours["per_example_lmc"][network]["fraction"]) <= 0.15, network
+    assert [c["claim"] for c in theirs["claims"]] == [c["claim"] for c in ours["claims"]]
+    assert theirs["landscapes"] == ours["landscapes"] == {} and theirs["stacked"] is False
 
 
 def _load_table_module():

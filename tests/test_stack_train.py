@@ -340,3 +340,24 @@ def test_cuda_graph_capture_failure_falls_back_to_eager_steps(digits, monkeypatc
     for key, value in eager_model.state_dict().items():
         assert torch.equal(graphed_model.state_dict()[key], value), key
     assert graphed.losses == eager.losses
+
+
+def test_plain_models_pruned_in_the_stack_stay_pruned_on_both_paths(digits):
+    """A stack of plain (unmasked) models whose masks are set on the stack: split() hands out masked
+    models, so training one model at a time keeps the pruned weights at zero, as the stacked pass does."""
+    torch.manual_seed(0)
+    plain = [torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                 torch.nn.Linear(4 * 64, 10)).double() for _ in range(2)]
+    train = dataclasses.replace(digits.train, images=digits.train.images.double(), validate=False)
+    keep = {"0.mask": torch.rand(2, 4, 1, 3, 3) < 0.5, "3.mask": torch.rand(2, 10, 4 * 64) < 0.3}
+    runs = {}
+    for one_at_a_time in (True, False):
+        stack = Stack(plain)
+        stack.load_stacked(keep)
+        fit(stack, train, SMALL, seed=[3, 4], progress=False, one_at_a_time=one_at_a_time)
+        runs[one_at_a_time] = stack
+        for k, model in enumerate(stack.split()):
+            for layer, mask in (("0", keep["0.mask"][k]), ("3", keep["3.mask"][k])):
+                assert torch.equal(model.get_submodule(layer).mask, mask)
+                assert not model.get_submodule(layer).weight[~mask].any(), (one_at_a_time, k, layer)
+    assert rel_error(_state_vector(runs[True]), _state_vector(runs[False])) < 1e-10

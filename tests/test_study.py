@@ -229,3 +229,24 @@ def test_imp_pretrain_picks_the_rewind_points_data():
     assert len(real.pretrain_data) == len(splits.train)
     with pytest.raises(ValueError, match="pretrain"):
         prune.IMP(model, splits, 2, inner="real", pretrain="distilled")
+
+
+@pytest.mark.parametrize("preset", ["cifar10-convnet3", "cifar10-resnet18"])
+def test_the_papers_presets_run_every_arm_on_cifar_files(tmp_path, preset):
+    """The GPU presets (every arm, ZCA for ConvNet-3, ResNet-18) at tiny sizes on fake CIFAR-10 files:
+    their settings reach every stage and every arm (the real presets need a GPU and the CIFAR files)."""
+    from test_data import write_fake_cifar
+
+    folder, _, _ = write_fake_cifar(tmp_path, per_batch=20)
+    tiny = ["device=cpu", f"data.root={folder}", "model.width=4", "train.steps=3", "train.batch_size=16",
+            "inner_train.steps=2", "inner_train.batch_size=10", "distill.iterations=1", "distill.num_networks=1",
+            "distill.images_per_class=1", "distill.eval_seeds=1", "imp.rounds=2", "imp.rewind_step=1",
+            "lmc.alphas=3", "landscape.grid=2", "hessian.num_probes=2", "hessian.examples=16",
+            "study.seeds=1", "study.hybrid_rounds=1", "study.train_examples=16", "study.subset_fraction=0.5",
+            "study.easy_fraction=0.5"]
+    pipeline.run(out=tmp_path / "run", preset=preset, overrides=tiny, quiet=True)
+    result = _study(tmp_path / "run")
+    assert sorted(result["arms"]) == sorted(study.ARMS)
+    for arm, entries in result["arms"].items():
+        assert [round(e["density"], 2) for e in entries] == [1.0, 0.8, 0.64], arm
+    assert {c["verdict"] for c in result["claims"]} <= set(study.VERDICTS)

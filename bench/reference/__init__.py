@@ -9,6 +9,7 @@ opinion on fastmask's metrics.
 - ``distill``: DM one network and one class at a time, with a siamese DSA;
 - ``lmc``, ``landscape``: one alpha / one grid point at a time with ``load_state_dict``;
 - ``hessian``: Hutchinson one Rademacher probe at a time (PyHessian);
+- ``study``: the study's arms over seeds, every copy trained one after another;
 - ``pipeline.run_reference(cfg, out_dir)``: all stages, results in fastmask's ``results.json`` schema.
 
 Run it: ``python -m bench.reference --preset synthetic-convnet3 --out runs/reference imp.rounds=3``.

@@ -12,11 +12,16 @@ eager PyTorch, stage for stage with the same hyperparameters, and the same ``res
                BatchNorm reset, for models with BatchNorm)
     landscape  the plane through the rewind weights and the two copies, one grid point at a time
     hessian    Hutchinson, one probe at a time (PyHessian)
-    study      not yet written: off (no arms, as in fastmask's presets for digits), refused with arms
+    study      every density of the arms real, distilled, hybrid (its own IMP) and random, 2 * seeds
+               copies each trained one after another: accuracy, barriers, Hessian trace, per-example
+               LMC, planes of the hybrid and random arms (``bench.reference.study``); the Data Diet
+               arms (subset, easy) are not written: refused when the run starts
 
-Only the data (``fastmask.data.load``, so that both pipelines see the same tensors) and the
-configuration (``fastmask.config``) come from fastmask; the models, training, pruning and every
-measurement are the reference's own. Nothing is resumed: a run is one pass, timed per stage.
+Only the data (``fastmask.data.load``, so that both pipelines see the same tensors), the
+configuration (``fastmask.config``) and the study's judging of the papers' claims
+(``fastmask.study.claims``, from the reference's numbers) come from fastmask; the models,
+training, pruning and every measurement are the reference's own. Nothing is resumed: a run is
+one pass, timed per stage.
 
 Example::
 
@@ -40,7 +45,7 @@ from fastmask import data as fastmask_data
 from fastmask.config import PipelineConfig, to_dict
 from fastmask.pipeline import device_name, resolve_device  # the same device handling as fastmask
 
-from bench.reference import distill, hessian, landscape, lmc, models, prune
+from bench.reference import distill, hessian, landscape, lmc, models, prune, study
 from bench.reference.data import eval_loader
 from bench.reference.train import train
 
@@ -56,6 +61,7 @@ class _Reference:
         if cfg.distill.method not in ("dm", "random"):
             raise ValueError(f"distill.method must be 'dm' or 'random' in the reference pipeline, "
                              f"got {cfg.distill.method!r}")
+        study.check_arms(cfg.study.arms)
         self.cfg, self.device, self.quiet = cfg, device, quiet
         self.train_options = dict(device=device, num_workers=num_workers, compile=compile)
         options = {}
@@ -219,21 +225,50 @@ class _Reference:
                                         self.device)
         return out
 
-    def stage_hessian(self) -> dict:
+    def hessian_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first ``hessian.examples`` training examples in batches of ``hessian.batch_size``: the
+        Hessian's mean loss (the hessian stage's and the study's)."""
         cfg = self.cfg.hessian
         images, labels = self.train_data
         examples = min(cfg.examples, len(images))
-        batches = [(images[i:min(i + cfg.batch_size, examples)], labels[i:min(i + cfg.batch_size, examples)])
-                   for i in range(0, examples, cfg.batch_size)]
-        return {kind: hessian.hutchinson(self.pairs[kind][0], batches, cfg.num_probes, self.cfg.seed, self.device)
-                for kind in NETWORKS}
+        return [(images[i:min(i + cfg.batch_size, examples)], labels[i:min(i + cfg.batch_size, examples)])
+                for i in range(0, examples, cfg.batch_size)]
+
+    def stage_hessian(self) -> dict:
+        batches = self.hessian_batches()
+        return {kind: hessian.hutchinson(self.pairs[kind][0], batches, self.cfg.hessian.num_probes, self.cfg.seed,
+                                         self.device) for kind in NETWORKS}
+
+    def arm_masks(self, arm: str) -> tuple[dict, list[dict], list[int]]:
+        """(rewind weights, masks per round, training points spent per round) of a study arm: the imp
+        stage's real and distilled runs, its random baseline's masks, or the hybrid's own IMP."""
+        cfg = self.cfg
+        if arm in ("real", "distilled"):
+            outcome = self.imp[arm]
+            return outcome.rewind, outcome.masks, [r["train_points_used"] for r in outcome.rounds]
+        if arm == "random":  # the imp stage's random baseline: the same masks, no training to find them
+            template, real = self.build(), self.imp["real"]
+            masks = [prune.random_masks(template, r["density"], seed=cfg.seed + i) for i, r in enumerate(real.rounds)]
+            return real.rewind, masks, [0] * len(masks)
+        if arm != "hybrid":
+            raise ValueError(f"study arm {arm!r} is not written in the eager reference pipeline")
+        self.say("study (hybrid IMP)")
+        inner = ["distilled"] * cfg.study.hybrid_rounds + ["real"] * (cfg.imp.rounds - cfg.study.hybrid_rounds)
+        data = {"train": self.train_data, "test": self.test_data, "distilled": self.synthetic}
+        outcome = prune.imp(self.build(), data, cfg.imp.rounds, cfg.imp.rate, cfg.imp.rewind_step, inner,
+                            scope=cfg.imp.scope, inner_cfg=cfg.inner_train, retrain_cfg=cfg.train, seed=cfg.seed,
+                            retrain=False, **self.train_options)
+        return outcome.rewind, outcome.masks, [r["train_points_used"] for r in outcome.rounds]
 
     def stage_study(self) -> dict:
-        """Off (no arms) as in fastmask's default; the study itself has no eager reference yet."""
-        if self.cfg.study.arms:
-            raise ValueError(f"study.arms={list(self.cfg.study.arms)}: the eager reference pipeline has no study; "
-                             "run it with study.arms=[]")
-        return {}
+        """Every arm of ``study.arms`` at every density over ``study.seeds`` (``bench.reference.study``);
+        ``{}`` without arms (fastmask's default)."""
+        if not self.cfg.study.arms:
+            return {}
+        arms = {arm: self.arm_masks(arm) for arm in self.cfg.study.arms}
+        options = {k: v for k, v in self.train_options.items() if k != "device"}
+        return study.run(self.cfg, arms, self.imp["real"].rewind, self.build(), self.train_data, self.test_data,
+                         self.hessian_batches(), self.device, say=self.say, batch_size=EVAL_BATCH, **options)
 
 
 def _synchronize(device: torch.device):

@@ -96,7 +96,7 @@ def random_masks(model: nn.Module, target: float, seed: int) -> dict[str, Tensor
 
 @dataclasses.dataclass
 class IMPOutcome:
-    rounds: list[dict]  # {round, density, test_accuracy, train_points_used, inner}
+    rounds: list[dict]  # {round, density, test_accuracy (None: not retrained), train_points_used, inner}
     masks: list[dict[str, Tensor]]
     rewind: dict[str, Tensor]
 
@@ -109,18 +109,21 @@ def subnetwork(template: nn.Module, rewind: dict[str, Tensor], masks: dict[str, 
 
 
 def imp(template: nn.Module, data: dict[str, tuple[Tensor, Tensor]], rounds: int, rate: float, rewind_step: int,
-        inner: str, *, scope: str, inner_cfg, retrain_cfg, seed: int, device: torch.device, num_workers: int = 0,
-        compile: bool = False) -> IMPOutcome:
+        inner: str | list[str], *, scope: str, inner_cfg, retrain_cfg, seed: int, device: torch.device,
+        num_workers: int = 0, compile: bool = False, retrain: bool = True) -> IMPOutcome:
     """IMP with rewinding, every round's mask retrained on the real data and tested.
 
-    ``data`` holds CPU ``(images, labels)`` pairs under ``"train"``, ``"test"`` and, for
-    ``inner="distilled"``, ``"distilled"``. Round r trains the subnetwork of mask r from the
+    ``data`` holds CPU ``(images, labels)`` pairs under ``"train"``, ``"test"`` and, for a
+    distilled inner loop, ``"distilled"``. Round r trains the subnetwork of mask r from the
     rewind weights on the inner data (``retrain_cfg`` on real data, where that training is also
     mask r's retraining; ``inner_cfg`` on the distilled set), prunes it, and the next round
-    starts again from the rewind weights.
+    starts again from the rewind weights. ``inner`` is ``"real"`` or ``"distilled"`` for every
+    round, or a list with one of them per round (a hybrid: distilled rounds, then real ones).
+    Without ``retrain`` the masks no real round trained are not retrained: their accuracy is None.
     """
-    if inner not in ("real", "distilled"):
-        raise ValueError(f"inner must be 'real' or 'distilled', got {inner!r}")
+    schedule = [inner] * rounds if isinstance(inner, str) else list(inner)
+    if len(schedule) != rounds or not set(schedule) <= {"real", "distilled"}:
+        raise ValueError(f"inner must be 'real' or 'distilled', or a list of {rounds} of them, got {inner!r}")
     options = dict(device=device, num_workers=num_workers, compile=compile)
     rewind = {k: v.clone() for k, v in template.state_dict().items()}
     if rewind_step > 0:
@@ -129,10 +132,10 @@ def imp(template: nn.Module, data: dict[str, tuple[Tensor, Tensor]], rounds: int
         rewind = {k: v.clone() for k, v in pretrained.state_dict().items()}
     points = [rewind_step * min(retrain_cfg.batch_size, len(data["train"][0]))]
     masks: list[dict[str, Tensor] | None] = [None]
-    accuracy: dict[int, float] = {}
+    accuracy: dict[int, float | None] = {}
     for r in range(rounds):
         net = subnetwork(template, rewind, masks[r])
-        if inner == "real":
+        if schedule[r] == "real":
             outcome = train(net, *data["train"], retrain_cfg, seed, test=data["test"], **options)
             accuracy[r] = outcome.test_accuracy
         else:
@@ -142,9 +145,10 @@ def imp(template: nn.Module, data: dict[str, tuple[Tensor, Tensor]], rounds: int
     for r, mask in enumerate(masks):
         if r not in accuracy:
             net = subnetwork(template, rewind, mask)
-            accuracy[r] = train(net, *data["train"], retrain_cfg, seed, test=data["test"], **options).test_accuracy
+            accuracy[r] = (train(net, *data["train"], retrain_cfg, seed, test=data["test"], **options).test_accuracy
+                           if retrain else None)
     dense = get_masks(template)
     full = [dense if m is None else m for m in masks]
     records = [{"round": r, "density": density(m), "test_accuracy": accuracy[r], "train_points_used": points[r],
-                "inner": inner if r else "dense"} for r, m in enumerate(full)]
+                "inner": schedule[r - 1] if r else "dense"} for r, m in enumerate(full)]
     return IMPOutcome(records, full, rewind)

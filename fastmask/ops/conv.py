@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastmask import backend
 from fastmask.masks import check as check_mask
 from fastmask.ops._common import (_allow_tf32_conv, _autocast, _check_devices, _check_float, _chosen_torch,
-                                  _conv_padding, _interpolation_args, _key, _laid_out_like, _one_batch_if_expanded,
-                                  _pair, _pick, interpolate_weights)
+                                  _conv_padding, _interpolation_args, _key, _laid_out_like, _off_kernel_ground,
+                                  _one_batch_if_expanded, _pair, _pick, _plain_or_named_error, interpolate_weights)
 
 
 # ----------------------------------------------------------------------------- torch reference
@@ -253,7 +252,7 @@ def _conv_route(x, weight, mask, bias, stride, pads, dilation, groups: int) -> O
     """Where a checked stacked conv runs: None for the custom op (the Triton kernels or, while
     undecided, the per-shape timing), else plain torch ops: "reference" off the kernels' ground
     (CPU, float64, groups, functorch), or the torch candidate the dispatch chose (see _chosen_torch)."""
-    if groups != 1 or torch._C._are_functorch_transforms_active() or not backend.use_triton(x, weight):
+    if groups != 1 or _off_kernel_ground(x, weight):
         return "reference"
     return _chosen_torch(_conv_key(x, weight, mask, bias, stride, pads, dilation),
                          lambda: _conv_op(x, weight, mask, bias, list(stride), pads, list(dilation)))
@@ -307,12 +306,22 @@ def masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Te
         raise ValueError(f"input must be [N, C, H, W] or [C, H, W], got shape {tuple(input.shape)}")
     mask = check_mask(mask, weight.shape)
     input, weight, bias = _autocast(input, weight, bias)  # here, so that both paths see the same tensors
-    args = _stacked_conv_args(input.unsqueeze(0) if unbatched else input, weight.unsqueeze(0), mask.unsqueeze(0),
-                              None if bias is None else bias.unsqueeze(0), stride, padding, dilation, groups)
-    if _conv_route(*args, groups) is not None:
-        # Plain torch: the one convolution itself, without the stacked form's views (their autograd
-        # nodes cost ~0.2 ms of host time per forward and backward at small sizes on the CPU).
+
+    def stacked_args() -> tuple:
+        return _stacked_conv_args(input.unsqueeze(0) if unbatched else input, weight.unsqueeze(0), mask.unsqueeze(0),
+                                  None if bias is None else bias.unsqueeze(0), stride, padding, dilation, groups)
+
+    def plain() -> Tensor:
+        # The one convolution itself, without the stacked form's views (their autograd nodes cost
+        # ~0.2 ms of host time per forward and backward at small sizes on the CPU).
         return F.conv2d(input, weight * mask, bias, stride, padding, dilation, groups)
+
+    if groups != 1 or _off_kernel_ground(input, weight):
+        _check_devices(input=input, weight=weight, mask=mask, bias=bias)
+        return _plain_or_named_error(plain, stacked_args)
+    args = stacked_args()
+    if _conv_route(*args, groups) is not None:
+        return plain()
     x, w, m, b, stride, pads, dilation = args
     # squeeze, not [0]: its backward is a view of the incoming gradient, where select's would be a
     # zero-filled copy in NCHW order whatever the layout (a channels_last backward would read NCHW).
@@ -403,7 +412,7 @@ def interpolated_masked_conv2d(input: Tensor, weight_a: Tensor, weight_b: Tensor
     w_a, w_b, m = w_a.unsqueeze(0), w_b.unsqueeze(0), mask.unsqueeze(0)
     bias_a = None if bias_a is None else bias_a.unsqueeze(0)
     bias_b = None if bias_b is None else bias_b.unsqueeze(0)
-    if groups != 1 or torch._C._are_functorch_transforms_active() or not backend.use_triton(x, w_a):
+    if groups != 1 or _off_kernel_ground(x, w_a):
         return interpolated_conv2d_reference(x, w_a, w_b, m, alphas, bias_a, bias_b, stride, pads, dilation, groups)
     alphas = alphas.float().contiguous()
     op = lambda: _interpolated_conv_op(x, w_a, w_b, m, alphas, bias_a, bias_b, list(stride), pads,  # noqa: E731

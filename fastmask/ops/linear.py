@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastmask import backend
 from fastmask.masks import check as check_mask
 from fastmask.ops._common import (_allow_tf32_matmul, _autocast, _check_devices, _check_float, _chosen_torch,
-                                  _interpolation_args, _key, _laid_out_like, _one_batch_if_expanded, _pick,
-                                  interpolate_weights)
+                                  _interpolation_args, _key, _laid_out_like, _off_kernel_ground,
+                                  _one_batch_if_expanded, _pick, _plain_or_named_error, interpolate_weights)
 
 
 # ----------------------------------------------------------------------------- torch reference
@@ -147,7 +146,7 @@ def _stacked_linear_args(input: Tensor, weight: Tensor, mask: Tensor, bias: Opti
 def _plain_linear(x, weight, mask, bias) -> bool:
     """Whether a checked stacked linear runs as plain torch ops rather than its custom op: off the
     kernels' ground (CPU, float64, functorch), or where the dispatch chose torch (see _chosen_torch)."""
-    return (torch._C._are_functorch_transforms_active() or not backend.use_triton(x, weight)
+    return (_off_kernel_ground(x, weight)
             or _chosen_torch(_linear_key(x, weight, mask, bias), lambda: _linear_op(x, weight, mask, bias)) is not None)
 
 
@@ -183,10 +182,20 @@ def masked_linear(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Te
     mask = check_mask(mask, weight.shape)
     lead = input.shape[:-1]
     input, weight, bias = _autocast(input, weight, bias)  # here, so that both paths see the same tensors
-    args = _stacked_linear_args(input.reshape(1, -1, input.shape[-1]), weight.unsqueeze(0), mask.unsqueeze(0),
-                                None if bias is None else bias.unsqueeze(0))
-    if _plain_linear(*args):  # the one linear itself, without the stacked form's views (as masked_conv2d)
+
+    def stacked_args() -> tuple:
+        return _stacked_linear_args(input.reshape(1, -1, input.shape[-1]), weight.unsqueeze(0), mask.unsqueeze(0),
+                                    None if bias is None else bias.unsqueeze(0))
+
+    def plain() -> Tensor:  # the one linear itself, without the stacked form's views (as masked_conv2d)
         return F.linear(input, weight * mask, bias)
+
+    if _off_kernel_ground(input, weight):
+        _check_devices(input=input, weight=weight, mask=mask, bias=bias)
+        return _plain_or_named_error(plain, stacked_args)
+    args = stacked_args()
+    if _plain_linear(*args):
+        return plain()
     return _linear_op(*args).reshape(*lead, weight.shape[0])
 
 
@@ -252,7 +261,7 @@ def interpolated_masked_linear(input: Tensor, weight_a: Tensor, weight_b: Tensor
     w_a, w_b, m = w_a.unsqueeze(0), w_b.unsqueeze(0), mask.unsqueeze(0)
     bias_a = None if bias_a is None else bias_a.unsqueeze(0)
     bias_b = None if bias_b is None else bias_b.unsqueeze(0)
-    if torch._C._are_functorch_transforms_active() or not backend.use_triton(x, w_a):
+    if _off_kernel_ground(x, w_a):
         return interpolated_linear_reference(x, w_a, w_b, m, alphas, bias_a, bias_b)
     alphas = alphas.float().contiguous()
     op = lambda: _interpolated_linear_op(x, w_a, w_b, m, alphas, bias_a, bias_b)  # noqa: E731

@@ -31,12 +31,19 @@ class Config:
         positive("batch_size", self.batch_size)
 
 
-def run(ctx: Context) -> dict:
+def batches_of(ctx: Context) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``hessian.examples`` training examples (all, if fewer) in batches of
+    ``hessian.batch_size``: the data of the Hessian's mean loss, here and in the study."""
     cfg = ctx.cfg.hessian
     train = ctx.splits.train
     examples = min(cfg.examples, len(train))
-    batches = [(train.images[i:i + cfg.batch_size], train.labels[i:i + cfg.batch_size])
-               for i in range(0, examples, cfg.batch_size)]
+    return [(train.images[i:min(i + cfg.batch_size, examples)], train.labels[i:min(i + cfg.batch_size, examples)])
+            for i in range(0, examples, cfg.batch_size)]
+
+
+def run(ctx: Context) -> dict:
+    cfg = ctx.cfg.hessian
+    batches = batches_of(ctx)
 
     def diagonal(kind: str) -> dict:  # a unit of work, on one rank
         model = lmc.trained_pair(ctx, kind)[0]

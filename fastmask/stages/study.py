@@ -39,6 +39,7 @@ import torch
 
 from fastmask import distributed, io, plots, prune, study
 from fastmask.stages import distill, imp
+from fastmask.stages import hessian as hessian_stage
 from fastmask.stages import landscape as landscape_stage
 from fastmask.stages.base import Context, ReportContext, Stage, positive
 
@@ -137,9 +138,7 @@ def run(ctx: Context) -> dict:
     found = {arm: arm_masks(ctx, arm, model) for arm in arms}
     dense_rewind = arm_masks(ctx, "real", model)[0] if "real" not in found else found["real"][0]
     train = ctx.splits.train
-    examples = min(cfg.hessian.examples, len(train))
-    hessian_batches = [(train.images[i:i + cfg.hessian.batch_size], train.labels[i:i + cfg.hessian.batch_size])
-                       for i in range(0, examples, cfg.hessian.batch_size)]
+    hessian_batches = hessian_stage.batches_of(ctx)
     units = {"dense": (None, dense_rewind, True)}  # unit -> (masks, rewind, per-example LMC too)
     names = {}  # (arm, round) -> unit
     for arm, (rewind, masks, _) in found.items():
