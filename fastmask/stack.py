@@ -80,12 +80,11 @@ def _unstack_masked(stacked: StackedLayer, k: int, layer: nn.Module) -> None:
     layer.weight.data.copy_(stacked.weight[k])
     if stacked.bias is not None:
         layer.bias.data.copy_(stacked.bias[k])
-    keep = stacked.mask[k]
     if not is_masked(layer):
-        if bool(keep.all()):
+        if bool(stacked.mask.all()):  # pruned in no model: every split model keeps its plain layer
             return
-        sparsify(layer)
-    layer.mask.copy_(keep)
+        sparsify(layer)  # pruned in some model: every split model gets the masked layer (one architecture)
+    layer.mask.copy_(stacked.mask[k if stacked.mask.shape[0] > 1 else 0])  # [1, ...]: one mask for all K
 
 
 class StackedMaskedConv2d(StackedLayer):

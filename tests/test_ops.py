@@ -242,6 +242,8 @@ def test_double_backward_through_kernel_path(triton_backend):
     (dict(input=torch.randn(2, 3, 7, 7, device="meta")), ValueError, "one device"),
     (dict(input=torch.randn(2, 3, 7, 7, dtype=torch.float64)), TypeError, "input .* and weight"),
     (dict(bias=torch.randn(5, dtype=torch.float64)), TypeError, "bias .* and weight"),
+    (dict(stride=[2]), ValueError, "stride must be"),  # torch alone would take it on the CPU
+    (dict(dilation=torch.tensor(1)), ValueError, "dilation must be"),
 ])
 def test_masked_conv2d_bad_input_names_the_argument(bad, error, match):
     args = dict(input=torch.randn(2, 3, 7, 7), weight=torch.randn(5, 3, 3, 3),
@@ -261,6 +263,8 @@ def test_masked_linear_bad_input_names_the_argument():
         ops.stacked_masked_linear(torch.randn(2, 5, 4), w.expand(3, 3, 4), torch.ones(3, 3, 4, dtype=torch.bool))
     with pytest.raises(TypeError, match="bias .* and weight"):
         ops.masked_linear(torch.randn(2, 4), w, torch.ones(3, 4, dtype=torch.bool), torch.randn(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="bias must have shape"):  # F.linear alone would broadcast it
+        ops.masked_linear(torch.randn(2, 4), w, torch.ones(3, 4, dtype=torch.bool), torch.randn(1))
 
 
 def test_float_zero_one_mask_is_accepted():

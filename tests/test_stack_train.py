@@ -361,3 +361,20 @@ def test_plain_models_pruned_in_the_stack_stay_pruned_on_both_paths(digits):
                 assert torch.equal(model.get_submodule(layer).mask, mask)
                 assert not model.get_submodule(layer).weight[~mask].any(), (one_at_a_time, k, layer)
     assert rel_error(_state_vector(runs[True]), _state_vector(runs[False])) < 1e-10
+
+
+def test_a_stack_of_plain_models_pruned_in_one_model_splits_into_one_architecture():
+    """One model pruned, the other dense: both split models get the masked layer (so they stack
+    again and load each other's states); a mask shared by all models ``[1, ...]`` splits to each."""
+    plain = [torch.nn.Sequential(torch.nn.Linear(4, 3)) for _ in range(2)]
+    stack = Stack(plain)
+    keep = torch.ones(2, 3, 4, dtype=torch.bool)
+    keep[1, 0, 0] = False
+    stack.load_stacked({"0.mask": keep})
+    first, second = stack.split()
+    assert first.state_dict().keys() == second.state_dict().keys()
+    assert torch.equal(first[0].mask, keep[0]) and torch.equal(second[0].mask, keep[1])
+    Stack([first, second])  # one architecture again
+    stack.load_stacked({"0.mask": keep[1:]})  # shared
+    assert all(torch.equal(model[0].mask, keep[1]) for model in stack.split())
+    assert all(type(model[0]) is torch.nn.Linear for model in Stack(plain).split())  # nothing pruned: plain

@@ -33,7 +33,7 @@ def _check_devices(**tensors):
 def _pair(value, name: str) -> tuple[int, int]:
     if isinstance(value, int):
         value = (value, value)
-    value = tuple(value)
+    value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
     if len(value) != 2 or not all(isinstance(v, int) for v in value):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
     return value
@@ -130,8 +130,9 @@ def _plain_or_named_error(plain: Callable[[], Tensor], check: Callable[[], objec
     """``plain()``, the op as plain torch ops, with the op's argument checks (``check``) run only
     when torch refuses the arguments, so that the error names the argument. On the CPU those checks
     cost about 40 us per call, 40% of a small convolution (measured: 146-159 against 82-107 us for
-    ``F.conv2d(x, w * m)`` at 2 x 4 x 6 x 6, one thread); torch's own checks refuse every argument
-    they refuse, devices aside (a meta tensor passes), which the caller checks first."""
+    ``F.conv2d(x, w * m)`` at 2 x 4 x 6 x 6, one thread). torch refuses the rest of what they
+    refuse, except devices (a meta tensor passes), a linear bias it would broadcast, and the conv's
+    stride / padding / dilation forms, which the callers check first."""
     try:
         return plain()
     except Exception:

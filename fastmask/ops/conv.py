@@ -318,6 +318,8 @@ def masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Te
 
     if groups != 1 or _off_kernel_ground(input, weight):
         _check_devices(input=input, weight=weight, mask=mask, bias=bias)
+        # torch would take what the kernels' path refuses (a stride [2], a tensor): checked alike
+        _conv_padding(padding, tuple(weight.shape[-2:]), _pair(stride, "stride"), _pair(dilation, "dilation"))
         return _plain_or_named_error(plain, stacked_args)
     args = stacked_args()
     if _conv_route(*args, groups) is not None:

@@ -192,6 +192,8 @@ def masked_linear(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Te
 
     if _off_kernel_ground(input, weight):
         _check_devices(input=input, weight=weight, mask=mask, bias=bias)
+        if bias is not None and bias.shape != weight.shape[:1]:  # F.linear would broadcast it
+            stacked_args()
         return _plain_or_named_error(plain, stacked_args)
     args = stacked_args()
     if _plain_linear(*args):
