@@ -305,7 +305,8 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int | Sequence[
         eval_data: evaluated at the end (``test_loss``, ``test_accuracy``; lists for a stack).
         one_at_a_time: for a Stack, train its models one after another, each as a plain model
             with its own seed, and load the results back into the stack: the same weights as the
-            stacked pass up to float rounding (bit for bit those of K plain ``fit`` calls). None:
+            stacked pass up to float rounding (bit for bit those of K plain ``fit`` calls; a model
+            with dropout draws other dropout masks on the two paths, so it differs more). None:
             on the devices of ``STACK_ONE_AT_A_TIME_DEVICES`` (the CPU and CUDA), where it is faster.
             A ``checkpoint`` that holds a state resumes on the path that saved it, whatever this says.
 
