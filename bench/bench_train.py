@@ -17,8 +17,8 @@ the CPU and CUDA) and the other path forced (``fastmask_stack_2_stacked_pass``, 
 ``fastmask_stack_2_one_at_a_time`` on a device that trains stacked): the measurement behind the choice.
 
 Cases: on a GPU 10,000 CIFAR-shaped images (3 x 32 x 32), batch 256, random crop and flip, cosine
-schedule, bf16 autocast and channels_last, ConvNet-3 (100 steps; the two-model case is a headline
-of ``make gpu-session``) and ResNet-18 (50 steps). On the CPU the digits training set (1 x 8 x 8,
+schedule, bf16 autocast and channels_last, ConvNet-3 (100 steps; both its cases are headlines of
+``make gpu-session``) and ResNet-18 (50 steps). On the CPU the digits training set (1 x 8 x 8,
 1437 images) with ConvNet-3 width 128, 60 steps of batch 64 without augmentation (the
 ``digits-convnet3`` preset's training; headline, both rows), and 1000 Fashion-MNIST-shaped images
 with ResNet-10 width 16, 30 steps of batch 64 with crop and flip.
@@ -86,7 +86,7 @@ def _table(items, headline=()):
     return [case(f"{c.arch}-{c.data if c.data == 'digits' else c.shape[1]}", c, headline=c in headline) for c in items]
 
 
-ONE_MODEL_CASES = cases(gpu=_table(GPU), cpu=_table(CPU, CPU[:1]), smoke=_table(SMOKE))
+ONE_MODEL_CASES = cases(gpu=_table(GPU, GPU[:1]), cpu=_table(CPU, CPU[:1]), smoke=_table(SMOKE))
 TWO_MODEL_CASES = cases(gpu=_table(GPU, GPU[:1]), cpu=_table(CPU, CPU[:1]), smoke=_table(SMOKE, SMOKE[:1]))
 
 
