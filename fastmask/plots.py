@@ -97,14 +97,15 @@ def study_barriers(arms: dict[str, list[dict]], path: Path) -> Path:
 def study_hessian(arms: dict[str, list[dict]], path: Path) -> Path | None:
     """Hessian trace (Hutchinson) vs density, per arm: the mean over seeds ± the std over seeds (with
     one seed, ± the probes' standard error: ``fastmask.study.trace_spread``)."""
+    from fastmask.study import trace_spread  # the study's rule; torch is loaded by the time a report is drawn
+
     fig, ax = figure()
     drawn = False
     for arm, entries in arms.items():
         points = [e for e in entries if e.get("hessian_trace") is not None]
         if points:
             ax.errorbar([e["density"] for e in points], [e["hessian_trace"] for e in points],
-                        yerr=[e.get("hessian_trace_std") or e["hessian_trace_stderr"] for e in points], fmt="o-",
-                        capsize=3, label=arm,
+                        yerr=[trace_spread(e) for e in points], fmt="o-", capsize=3, label=arm,
                         color=_arm_colour(arm))
             drawn = True
     if not drawn:

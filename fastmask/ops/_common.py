@@ -59,6 +59,12 @@ def _conv_padding(padding, kernel: tuple[int, int], stride, dilation) -> list[in
     return [ph, ph, pw, pw]
 
 
+def _conv_geometry(kernel: tuple[int, int], stride, padding, dilation) -> tuple:
+    """(stride pair, (top, bottom, left, right), dilation pair), checked: errors name the argument."""
+    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    return stride, _conv_padding(padding, kernel, stride, dilation), dilation
+
+
 def _autocast(*tensors: Optional[Tensor]):
     """Cast floating inputs to the CUDA autocast dtype, as F.conv2d / F.linear would under autocast."""
     if tensors[0].is_cuda and torch.is_autocast_enabled("cuda"):

@@ -17,8 +17,8 @@ from torch import Tensor
 
 from fastmask.masks import check as check_mask
 from fastmask.ops._common import (_allow_tf32_conv, _autocast, _check_devices, _check_float, _chosen_torch,
-                                  _conv_padding, _interpolation_args, _key, _laid_out_like, _off_kernel_ground,
-                                  _one_batch_if_expanded, _pair, _pick, _plain_or_named_error, interpolate_weights)
+                                  _conv_geometry, _interpolation_args, _key, _laid_out_like, _off_kernel_ground,
+                                  _one_batch_if_expanded, _pick, _plain_or_named_error, interpolate_weights)
 
 
 # ----------------------------------------------------------------------------- torch reference
@@ -239,8 +239,7 @@ def _stacked_conv_args(input: Tensor, weight: Tensor, mask: Tensor, bias: Option
         raise ValueError(f"bias must have shape {(K, weight.shape[1])}, got {tuple(bias.shape)}")
     _check_devices(input=input, weight=weight, mask=mask, bias=bias)
     mask = check_mask(mask, weight.shape, stacked=True)
-    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
-    pads = _conv_padding(padding, tuple(weight.shape[-2:]), stride, dilation)
+    stride, pads, dilation = _conv_geometry(tuple(weight.shape[-2:]), stride, padding, dilation)
     x, weight, bias = _autocast(x, weight, bias)
     for name, t in (("input", x), ("bias", bias)):
         if t is not None and t.dtype != weight.dtype:
@@ -319,7 +318,7 @@ def masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Te
     if groups != 1 or _off_kernel_ground(input, weight):
         _check_devices(input=input, weight=weight, mask=mask, bias=bias)
         # torch would take what the kernels' path refuses (a stride [2], a tensor): checked alike
-        _conv_padding(padding, tuple(weight.shape[-2:]), _pair(stride, "stride"), _pair(dilation, "dilation"))
+        _conv_geometry(tuple(weight.shape[-2:]), stride, padding, dilation)
         return _plain_or_named_error(plain, stacked_args)
     args = stacked_args()
     if _conv_route(*args, groups) is not None:
@@ -406,8 +405,7 @@ def interpolated_masked_conv2d(input: Tensor, weight_a: Tensor, weight_b: Tensor
     K = alphas.shape[0]
     x = _stacked_conv_input(input, K, "alphas", weight_a.shape[1] * groups, groups)
     _check_devices(input=input, weight_a=weight_a, weight_b=weight_b, mask=mask, bias_a=bias_a, bias_b=bias_b)
-    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
-    pads = _conv_padding(padding, tuple(weight_a.shape[-2:]), stride, dilation)
+    stride, pads, dilation = _conv_geometry(tuple(weight_a.shape[-2:]), stride, padding, dilation)
     x, w_a, w_b, bias_a, bias_b = _autocast(x, weight_a, weight_b, bias_a, bias_b)
     if x.dtype != w_a.dtype:
         raise TypeError(f"input ({x.dtype}) and weight_a ({w_a.dtype}) must have one dtype")
