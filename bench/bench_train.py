@@ -5,6 +5,10 @@ Contenders for one model, each running the same steps of the same configuration:
   over CPU tensors with a per-sample crop / flip (worker processes on a GPU machine),
   ``torch.nn.utils.prune`` masks, ``torch.optim.SGD`` with per-tensor re-masking, a Python step loop;
 - ``reference_compiled``: the same with the model under ``torch.compile``;
+- ``reference_own_process`` (CPU): the reference in a child process that never imports fastmask
+  (``bench.reference.own_process``), so with glibc's malloc as it is by default; fastmask, imported
+  in this process, keeps freed CPU memory (``fastmask.backend.keep_freed_cpu_memory``) for both of
+  the other contenders. This is the loop a researcher runs, in the process they run it in;
 - ``fastmask``: ``fastmask.train.fit`` on device-resident data (on a GPU the fused masked kernels
   and optimizer, augmentation on the device, each step's forward and backward replayed from a
   CUDA graph);
@@ -44,6 +48,7 @@ from fastmask.train import STACK_ONE_AT_A_TIME_DEVICES, TrainConfig, fit
 
 from bench.harness import case, cases
 from bench.reference import models, prune
+from bench.reference.own_process import OwnProcessTraining
 from bench.reference.pipeline import default_workers
 from bench.reference.train import train
 
@@ -126,11 +131,22 @@ def bench_train_one_model(bench, c):
     if bench.device.type == "cuda":
         contenders["fastmask_no_graph"] = lambda: fit(ours, splits.train, dataclasses.replace(cfg, cuda_graph=False),
                                                       seed=0, progress=False)
-    times = bench.measure(contenders, compiled=["reference_compiled"], whole_runs=True,
-                          smoke_compiled=c.smoke_compiled)
+    own_process = None
+    if bench.device.type == "cpu":
+        masks = {f"{name}.weight": module.weight_mask.bool() for name, module in reference.named_modules()
+                 if hasattr(module, "weight_mask")}
+        own_process = OwnProcessTraining(c.arch, dict(c.options), masks, reference.state_dict(), cpu_images,
+                                         cpu_labels, cfg)
+        contenders["reference_own_process"] = own_process
+    try:
+        times = bench.measure(contenders, compiled=["reference_compiled"], whole_runs=True,
+                              smoke_compiled=c.smoke_compiled)
+    finally:
+        if own_process is not None:
+            own_process.close()
     batch = min(cfg.batch_size, len(splits.train))
-    extra = {"speedup_vs_reference_compiled": bench.speedup(times, "fastmask", "reference_compiled")} \
-        if "reference_compiled" in times else {}
+    extra = {f"speedup_vs_{name}": bench.speedup(times, "fastmask", name)
+             for name in ("reference_compiled", "reference_own_process") if name in times}
     bench.row(c.describe("one model"), times, baseline="reference", **extra, workers=workers,
               images_per_second={k: c.steps * batch / (min(t) * 1e-3) for k, t in times.items()})
 

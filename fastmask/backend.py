@@ -11,9 +11,13 @@
 Example::
 
     FASTMASK_BACKEND=torch python train.py      # compare against the reference path
+
+Importing this module (which every fastmask op, model and stage does) also sets how glibc's
+malloc keeps CPU memory that torch frees: see ``keep_freed_cpu_memory``.
 """
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 
@@ -62,6 +66,55 @@ def use_triton(*tensors: torch.Tensor, kernel_dtypes=(torch.float32, torch.bfloa
     return supported
 
 
+# glibc's mallopt parameters (malloc.h) and the values fastmask sets.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD = 32 << 20  # glibc's largest: blocks below it come from the heap, never from mmap
+_TRIM_THRESHOLD = 1 << 30  # free memory the heap keeps before handing any back to the OS
+_MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Make glibc's malloc keep the CPU memory torch frees, for the next step's tensors to reuse.
+
+    Why: torch allocates a CPU tensor with malloc and frees it when its last reference goes. With
+    glibc's default settings a large freed block goes back to the OS (``munmap``, or a trim of the
+    heap top), depending on the heap's history, so the next training step's activations are
+    fresh pages the kernel faults in and zeroes one by one. Measured on the 2-core CPU machine (2
+    torch threads, 60 steps of ConvNet-3 on digits, runs alternating in one process): the same
+    run took 0.63-0.66 s with about 1,000 minor page faults and 0.80-1.04 s with 80,000-190,000,
+    for fastmask's ``fit`` and for a plain torch loop alike; with these settings every run took
+    about 1,000 or fewer. The settings are glibc's own (``mallopt``, as ``MALLOC_MMAP_THRESHOLD_``
+    and ``MALLOC_TRIM_THRESHOLD_`` would set them at start-up): blocks under 32 MiB come from the
+    heap, and up to 1 GiB of free heap stays in the process. The process's resident memory stays
+    near its peak instead of falling between steps: what a caching allocator does on the GPU.
+
+    They are process-wide (the user's own torch code benefits too) and set once, at the first
+    import of ``fastmask.backend``. Nothing is set outside glibc (macOS, musl, Windows), nor when
+    the environment holds glibc's own settings of these (``MALLOC_MMAP_THRESHOLD_``,
+    ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``, ``MALLOC_MMAP_MAX_`` or a ``glibc.malloc``
+    tunable in ``GLIBC_TUNABLES``): those rule. Returns whether the settings were
+    made (``fastmask info`` shows it as ``cpu_memory_kept``).
+
+    Example::
+
+        fastmask.backend.CPU_MEMORY_KEPT     # True on Linux with glibc
+    """
+    try:
+        libc_name = os.confstr("CS_GNU_LIBC_VERSION")
+    except (AttributeError, ValueError, OSError):  # not a glibc system
+        return False
+    if not libc_name or not libc_name.startswith("glibc"):
+        return False
+    if any(name in os.environ for name in _MALLOC_SETTINGS) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(libc.mallopt(_M_TRIM_THRESHOLD,
+                                                                                      _TRIM_THRESHOLD))
+
+
+CPU_MEMORY_KEPT = keep_freed_cpu_memory()
+
+
 def describe() -> dict:
     """Versions, device and backend, as printed by ``fastmask info``."""
     import platform
@@ -77,6 +130,7 @@ def describe() -> dict:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
         "backend": selected(),
         "triton_interpreter": interpreter_on(),
+        "cpu_memory_kept": CPU_MEMORY_KEPT,
     }
     if triton_available():
         import triton

@@ -1,4 +1,9 @@
-"""Masked conv2d / linear: the Triton kernels (interpreter on CPU) and the reference against float64."""
+"""Masked conv2d / linear: the Triton kernels (interpreter on CPU) and the reference against float64;
+the CPU memory setting every op runs under (``fastmask.backend.keep_freed_cpu_memory``)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -271,6 +276,41 @@ def test_float_zero_one_mask_is_accepted():
     x, w = torch.randn(2, 4), torch.randn(3, 4)
     m = (torch.rand(3, 4) > 0.5).float()
     assert_close(ops.masked_linear(x, w, m), F.linear(x.double(), w.double() * m.double()))
+
+
+# ------------------------------------------------------------------------- CPU memory (glibc)
+
+# Frees an 8 MiB tensor, then prints whether fastmask.backend made its setting and how many MiB of
+# free memory glibc's heap holds (mallinfo2, glibc >= 2.33).
+FREED_MEMORY_PROBE = """
+import ctypes, torch, fastmask.backend
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+tensor = torch.ones(2 << 20)
+del tensor
+print(fastmask.backend.CPU_MEMORY_KEPT, libc.mallinfo2().fordblks >> 20)
+"""
+
+
+def freed_memory_probe(**env):
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", FREED_MEMORY_PROBE], capture_output=True, text=True, timeout=120,
+                         env={**environment, **env}, check=True).stdout.split()
+    return out[0] == "True", int(out[1])
+
+
+@pytest.mark.skipif(not (hasattr(os, "confstr") and (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")),
+                    reason="the setting is glibc's")
+def test_freed_cpu_memory_stays_in_the_heap_unless_the_environment_sets_malloc():
+    # glibc's default would hand the 8 MiB block back to the OS (mmap, then munmap): the next
+    # tensor of that size would fault its pages in again.
+    assert freed_memory_probe() == (True, 8)
+    kept, free_mib = freed_memory_probe(MALLOC_TRIM_THRESHOLD_="131072")
+    assert not kept and free_mib < 8
+    assert not freed_memory_probe(GLIBC_TUNABLES="glibc.malloc.trim_threshold=131072")[0]
 
 
 # ----------------------------------------------------------------------------- CUDA

@@ -12,8 +12,20 @@ opinion on fastmask's metrics.
 - ``study``: the study's arms over seeds, every copy trained one after another;
 - ``pipeline.run_reference(cfg, out_dir)``: all stages, results in fastmask's ``results.json`` schema.
 
+- ``own_process``: the training loop in a child process that never imports fastmask.
+
 Run it: ``python -m bench.reference --preset synthetic-convnet3 --out runs/reference imp.rounds=3``.
+
+Only ``pipeline`` (and what imports it) uses fastmask (its configs, data loading and claims):
+``run_reference`` and ``STAGES`` are imported when first used, so the loops alone run in a
+process without fastmask (``own_process``).
 """
-from bench.reference.pipeline import STAGES, run_reference
+import importlib
 
 __all__ = ["run_reference", "STAGES"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        return getattr(importlib.import_module("bench.reference.pipeline"), name)
+    raise AttributeError(f"module 'bench.reference' has no attribute {name!r}")
