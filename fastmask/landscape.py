@@ -92,6 +92,8 @@ class LandscapeResult:
         from matplotlib.figure import Figure  # the Agg canvas, without touching pyplot's global backend
         from matplotlib.ticker import MaxNLocator
 
+        from fastmask import plots
+
         values = np.ma.masked_invalid(self.loss if what == "loss" else 100 * self.error)
         figure = Figure(figsize=(6, 5.6), dpi=120, layout="constrained")
         axes = figure.subplots()
@@ -111,13 +113,8 @@ class LandscapeResult:
         if title:
             axes.set_title(title, fontsize=10)
         if markers:
-            figure.text(0.5, 0, markers, ha="center", va="top", fontsize=8)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + ".tmp")
-        figure.savefig(temporary, format="png", bbox_inches="tight")
-        os.replace(temporary, path)
-        return path
+            figure.supxlabel(markers, fontsize=8)  # under the plot, inside the constrained layout
+        return plots.save(figure, Path(path), dpi=120)
 
 
 def _check_grid(grid) -> tuple[int, int]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastmask.nn import MaskedConv2d, MaskedLinear, is_masked
+from fastmask.nn import AvgPool2d, MaskedConv2d, MaskedLinear, is_masked
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -63,7 +63,7 @@ def convnet(num_classes: int, in_shape=(3, 32, 32), width: int = 128, depth: int
     for _ in range(depth):
         layers += [MaskedConv2d(channels, width, 3, padding=1), _norm(norm, width), nn.ReLU(inplace=True)]
         if height >= 2 and width_px >= 2:
-            layers.append(nn.AvgPool2d(2, 2))
+            layers.append(AvgPool2d(2, 2))
             height, width_px = height // 2, width_px // 2
         channels = width
     layers.append(nn.Flatten())

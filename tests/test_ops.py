@@ -278,6 +278,49 @@ def test_float_zero_one_mask_is_accepted():
     assert_close(ops.masked_linear(x, w, m), F.linear(x.double(), w.double() * m.double()))
 
 
+# ------------------------------------------------------------------------- 2 x 2 average pooling
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 6, 8), (1, 1, 2, 2), (2, 7, 10, 4)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_avg_pool2x2_matches_torch_with_its_gradients(monkeypatch, shape, channels_last):
+    fast_calls = []
+    monkeypatch.setattr(ops.pool._AvgPool2x2, "apply", lambda x: fast_calls.append(1) or
+                        torch.autograd.Function.apply.__func__(ops.pool._AvgPool2x2, x))
+    x = torch.randn(shape, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    y, reference = ops.avg_pool2x2(x), F.avg_pool2d(x, 2)
+    assert fast_calls, "the CPU form was not taken"
+    torch.testing.assert_close(y, reference, atol=1e-15, rtol=1e-15)
+    upstream = torch.randn_like(y, requires_grad=True)
+    (gx,), (gr,) = (torch.autograd.grad(out, x, upstream, create_graph=True) for out in (y, reference))
+    assert torch.equal(gx, gr)
+    # double backward (a Hessian-vector product goes through the pooling's backward)
+    v = torch.randn_like(x)
+    (ggx,), (ggr,) = (torch.autograd.grad(g, upstream, v) for g in (gx, gr))
+    torch.testing.assert_close(ggx, ggr, atol=1e-15, rtol=1e-15)
+    assert torch.autograd.gradcheck(ops.avg_pool2x2, (x.detach().requires_grad_(True),))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6), (3, 4, 4), (2, 3, 6, 7)])
+def test_avg_pool2x2_falls_back_to_torch_where_the_cpu_form_does_not_apply(shape):
+    x = torch.randn(shape)
+    assert torch.equal(ops.avg_pool2x2(x), F.avg_pool2d(x, 2))
+    half = torch.randn(2, 3, 4, 4, dtype=torch.bfloat16)
+    assert torch.equal(ops.avg_pool2x2(half), F.avg_pool2d(half, 2))
+
+
+def test_avg_pool_module_takes_the_fast_form_only_for_2x2_stride_2():
+    from fastmask.nn import AvgPool2d
+
+    x = torch.randn(2, 3, 8, 6)
+    for args, kwargs in [((2, 2), {}), ((2,), {}), ((3, 2), {}), ((2, 1), {}), ((2, 2), {"padding": 1}),
+                         ((2, 2), {"ceil_mode": True}), ((2, 2), {"divisor_override": 3})]:
+        assert_close(AvgPool2d(*args, **kwargs)(x), torch.nn.AvgPool2d(*args, **kwargs)(x.double()))
+
+
 # ------------------------------------------------------------------------- CPU memory (glibc)
 
 # Frees an 8 MiB tensor, then prints whether fastmask.backend made its setting and how many MiB of

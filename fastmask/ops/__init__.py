@@ -3,7 +3,8 @@
 One wrapper module per kernel module: ``conv`` (masked conv2d, on ``kernels.masked_conv``),
 ``linear`` (masked linear, on ``kernels.masked_matmul``), ``hutchinson`` (Rademacher probes and
 the fused accumulation of the Hessian's Hutchinson estimate, on ``kernels.hutchinson``),
-``optimizer_step`` (the fused masked SGD / AdamW step, on ``kernels.masked_optim``). A wrapper holds its op's plain-PyTorch reference (the CPU path and
+``optimizer_step`` (the fused masked SGD / AdamW step, on ``kernels.masked_optim``); ``pool``
+(ConvNet's 2 x 2 average pooling in a faster CPU form of plain torch ops: no kernel). A wrapper holds its op's plain-PyTorch reference (the CPU path and
 the tests' oracle) and the choice between the two (``fastmask.backend``); an op that is a function
 of tensors is a ``torch.library`` custom op, so autograd and ``torch.compile`` see one op. No other
 module of fastmask imports ``fastmask.kernels``.
@@ -33,14 +34,15 @@ Example::
     y = ops.masked_conv2d(x, w, m, padding=1)                      # [8, 16, 32, 32]
     ys = ops.stacked_masked_conv2d(x, w.expand(4, -1, -1, -1, -1), m, padding="same")  # [4, 8, 16, 32, 32]
 """
-from fastmask.ops import conv, hutchinson, linear, optimizer_step
+from fastmask.ops import conv, hutchinson, linear, optimizer_step, pool
 from fastmask.ops._common import interpolate_weights
 from fastmask.ops.conv import (conv2d_reference, interpolated_conv2d_reference, interpolated_masked_conv2d, masked_conv2d,
                                stacked_masked_conv2d)
 from fastmask.ops.linear import (interpolated_linear_reference, interpolated_masked_linear, linear_reference, masked_linear,
                                  stacked_masked_linear)
+from fastmask.ops.pool import avg_pool2x2
 
 __all__ = ["masked_conv2d", "stacked_masked_conv2d", "interpolated_masked_conv2d", "conv2d_reference",
            "interpolated_conv2d_reference", "masked_linear", "stacked_masked_linear", "interpolated_masked_linear",
-           "linear_reference", "interpolated_linear_reference", "interpolate_weights", "conv", "linear", "hutchinson",
-           "optimizer_step"]
+           "linear_reference", "interpolated_linear_reference", "interpolate_weights", "avg_pool2x2", "conv", "linear",
+           "hutchinson", "optimizer_step", "pool"]
