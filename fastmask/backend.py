@@ -89,27 +89,39 @@ def keep_freed_cpu_memory() -> bool:
     near its peak instead of falling between steps: what a caching allocator does on the GPU.
 
     They are process-wide (the user's own torch code benefits too) and set once, at the first
-    import of ``fastmask.backend``. Nothing is set outside glibc (macOS, musl, Windows), nor when
-    the environment holds glibc's own settings of these (``MALLOC_MMAP_THRESHOLD_``,
-    ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``, ``MALLOC_MMAP_MAX_`` or a ``glibc.malloc``
-    tunable in ``GLIBC_TUNABLES``): those rule. Returns whether the settings were
-    made (``fastmask info`` shows it as ``cpu_memory_kept``).
+    import of ``fastmask.backend``. Nothing is set with ``FASTMASK_KEEP_CPU_MEMORY=0`` (glibc's
+    malloc left exactly as it is), outside glibc (macOS, musl, Windows), when another allocator
+    is preloaded (jemalloc, tcmalloc, mimalloc in ``LD_PRELOAD``: glibc's malloc is not the one
+    in use), or when the environment holds glibc's own settings of these
+    (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``,
+    ``MALLOC_MMAP_MAX_`` or a ``glibc.malloc`` tunable in ``GLIBC_TUNABLES``): those rule.
+    Returns whether the settings were made (``fastmask info`` shows it as ``cpu_memory_kept``).
 
     Example::
 
-        fastmask.backend.CPU_MEMORY_KEPT     # True on Linux with glibc
+        fastmask.backend.CPU_MEMORY_KEPT                     # True on Linux with glibc
+        FASTMASK_KEEP_CPU_MEMORY=0 python train.py           # glibc's malloc as it is
     """
-    try:
-        libc_name = os.confstr("CS_GNU_LIBC_VERSION")
-    except (AttributeError, ValueError, OSError):  # not a glibc system
+    if os.environ.get("FASTMASK_KEEP_CPU_MEMORY", "1").strip() == "0" or _glibc_version() is None:
         return False
-    if not libc_name or not libc_name.startswith("glibc"):
+    if any(name in os.environ.get("LD_PRELOAD", "") for name in ("jemalloc", "tcmalloc", "mimalloc")):
         return False
     if any(name in os.environ for name in _MALLOC_SETTINGS) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
-    libc = ctypes.CDLL("libc.so.6")
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(libc.mallopt(_M_TRIM_THRESHOLD,
-                                                                                      _TRIM_THRESHOLD))
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+        return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    except (OSError, AttributeError):  # an import must never fail over a speed setting
+        return False
+
+
+def _glibc_version() -> str | None:
+    """glibc's version string (``"glibc 2.36"``), or None off glibc."""
+    try:
+        name = os.confstr("CS_GNU_LIBC_VERSION")
+    except (AttributeError, ValueError, OSError):
+        return None
+    return name if name and name.startswith("glibc") else None
 
 
 CPU_MEMORY_KEPT = keep_freed_cpu_memory()

@@ -16,9 +16,10 @@ opinion on fastmask's metrics.
 
 Run it: ``python -m bench.reference --preset synthetic-convnet3 --out runs/reference imp.rounds=3``.
 
-Only ``pipeline`` (and what imports it) uses fastmask (its configs, data loading and claims):
-``run_reference`` and ``STAGES`` are imported when first used, so the loops alone run in a
-process without fastmask (``own_process``).
+``pipeline``, ``study`` and ``__main__`` use fastmask (its configs, data loading and the study's
+claims); ``models``, ``data``, ``train`` and ``prune`` do not. ``run_reference`` and ``STAGES`` are
+imported when first used, so the training loop alone runs in a process without fastmask
+(``own_process``).
 """
 import importlib
 

@@ -61,10 +61,17 @@ class OwnProcessTraining:
         self._expect("done")
 
     def close(self) -> None:
-        if self.child.poll() is None:
-            self.child.stdin.close()
-            self.child.wait(timeout=60)
-        self.folder.cleanup()
+        try:
+            if self.child.poll() is None:
+                self.child.stdin.close()  # the child's loop ends at the end of its input
+                try:
+                    self.child.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    self.child.kill()
+                    self.child.wait()
+        finally:
+            self.child.stdout.close()
+            self.folder.cleanup()
 
 
 def _serve(setup_path: str) -> None:

@@ -3,11 +3,13 @@
 One wrapper module per kernel module: ``conv`` (masked conv2d, on ``kernels.masked_conv``),
 ``linear`` (masked linear, on ``kernels.masked_matmul``), ``hutchinson`` (Rademacher probes and
 the fused accumulation of the Hessian's Hutchinson estimate, on ``kernels.hutchinson``),
-``optimizer_step`` (the fused masked SGD / AdamW step, on ``kernels.masked_optim``); ``pool``
-(ConvNet's 2 x 2 average pooling in a faster CPU form of plain torch ops: no kernel). A wrapper holds its op's plain-PyTorch reference (the CPU path and
-the tests' oracle) and the choice between the two (``fastmask.backend``); an op that is a function
-of tensors is a ``torch.library`` custom op, so autograd and ``torch.compile`` see one op. No other
-module of fastmask imports ``fastmask.kernels``.
+``optimizer_step`` (the fused masked SGD / AdamW step, on ``kernels.masked_optim``). A wrapper
+holds its op's plain-PyTorch reference (the CPU path and the tests' oracle) and the choice between
+the two (``fastmask.backend``); an op that is a function of tensors is a ``torch.library`` custom
+op, so autograd and ``torch.compile`` see one op. No other module of fastmask imports
+``fastmask.kernels``. One op has no kernel: ``pool`` (``avg_pool2x2``, ConvNet's 2 x 2 average
+pooling), a faster CPU form of plain torch ops behind an autograd.Function, ``F.avg_pool2d``
+everywhere else (``torch.compile`` sees ``F.avg_pool2d``).
 
 ``masked_conv2d(x, w, m)`` is ``F.conv2d(x, w * m)`` and ``masked_linear(x, w, m)`` is
 ``F.linear(x, w * m)``, with the same gradients (the weight's gradient is zero where the mask

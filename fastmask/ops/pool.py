@@ -7,10 +7,12 @@ in a fraction of the time at ConvNet's sizes. Measured on the 2-core CPU machine
 threads, float32, best of 3): the forward pass at 64 x 128 x 8 x 8 took 150-234 us against 509-777
 us for ``F.avg_pool2d``, at 360 x 128 x 8 x 8 0.8-1.3 ms against 2.9-4.6 ms, at 64 x 128 x 16 x 16
 0.56 against 2.1 ms, at 64 x 128 x 4 x 4 105-177 against 130-219 us; at 256 x 128 x 32 x 32 both
-took 43-45 ms. The backward pass is torch's own (``avg_pool2d_backward``), so gradients,
-double backward (Hutchinson's Hessian-vector products) and the pooled values' layout are those of
-``F.avg_pool2d``. Everywhere else (CUDA, where one pooling kernel is fastest; other dtypes; odd
-sizes; inside ``torch.compile`` and torch.func transforms) it is ``F.avg_pool2d`` itself.
+took 43-45 ms. The backward pass is torch's own (``avg_pool2d_backward``), so gradients and
+double backward (Hutchinson's Hessian-vector products) are those of ``F.avg_pool2d``; forward-mode
+AD pools the tangent the same way; the output keeps the input's memory layout (channels_last
+too), as ``F.avg_pool2d``'s does. Everywhere else (CUDA, where one pooling kernel is fastest;
+other dtypes; odd sizes; inside ``torch.compile`` and torch.func transforms; under
+``FASTMASK_BACKEND=torch``, the reference path) it is ``F.avg_pool2d`` itself.
 
 Example::
 
@@ -21,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from fastmask import backend
 
 __all__ = ["avg_pool2x2"]
 
@@ -46,11 +50,16 @@ class _AvgPool2x2(torch.autograd.Function):
         # torch's own backward of F.avg_pool2d(x, 2): differentiable, so double backward works.
         return torch.ops.aten.avg_pool2d_backward(grad, x, [2, 2], [2, 2], [0, 0], False, True, None)
 
+    @staticmethod
+    def jvp(ctx, tangent: Tensor) -> Tensor:
+        return _window_sums_quartered(tangent)  # the pooling is linear
+
 
 def _fast_form_applies(x: Tensor) -> bool:
     return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in (torch.float32, torch.float64)
             and x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0 and x.shape[-1] > 0 and x.shape[-2] > 0
-            and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active())
+            and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+            and backend.selected() != "torch")
 
 
 def avg_pool2x2(x: Tensor) -> Tensor:
