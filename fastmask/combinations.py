@@ -251,13 +251,15 @@ def _fitting_chunk(combinations: Combinations, coefficients: Tensor, inputs: Ten
 
 
 def evaluate_combinations(models: Sequence[nn.Module], coefficients: Tensor, data, *, loss_fn: Optional[LossFn] = None,
-                          bn_reset_data=None, batch_size: int = DEFAULT_BATCH_SIZE, chunk: Optional[int] = None,
+                          bn_reset_data=None, batch_size: Optional[int] = None, chunk: Optional[int] = None,
                           in_kernel: bool = False, progress: bool = False, what: str = "networks"):
     """Loss and error lists over ``data`` of the K networks ``sum_j coefficients[k, j] * models[j]``
     (``coefficients`` ``[K, J]`` float64): the engine of ``fastmask.lmc`` and ``fastmask.landscape``.
 
     ``models`` must already be checked (``check_models``) and aligned (``aligned_sources``). ``data`` and
-    ``bn_reset_data``: as ``fastmask.lmc.interpolate``; ``in_kernel``: see ``Combinations``; ``chunk``:
+    ``bn_reset_data``: as ``fastmask.lmc.interpolate`` (``batch_size`` None: the evaluation's
+    ``evaluation.default_batch_size`` of the device, and ``DEFAULT_BATCH_SIZE`` for the BatchNorm
+    statistics, which depend on the batches); ``in_kernel``: see ``Combinations``; ``chunk``:
     networks per stacked pass (given, it also keeps the stack on ``ONE_AT_A_TIME_DEVICES``);
     ``what`` names the networks on the progress bar.
     """
@@ -265,7 +267,8 @@ def evaluate_combinations(models: Sequence[nn.Module], coefficients: Tensor, dat
         raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
     device = next((t.device for t in models[0].state_dict().values()), torch.device("cpu"))
     batches = Batches(data, device, batch_size, "data")
-    reset = None if bn_reset_data is None else Batches(bn_reset_data, device, batch_size, "bn_reset_data")
+    reset = None if bn_reset_data is None else Batches(bn_reset_data, device, batch_size or DEFAULT_BATCH_SIZE,
+                                                       "bn_reset_data")
     inputs = batches.first()[0]
     K = coefficients.shape[0]
     stack = None if chunk is None and device.type in ONE_AT_A_TIME_DEVICES else stack_or_none(models, inputs)

@@ -45,7 +45,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from tqdm.auto import tqdm
 
 from fastmask import masks as masks_module
-from fastmask.evaluation import Batches
+from fastmask.evaluation import DEFAULT_BATCH_SIZE, Batches
 from fastmask.ops.hutchinson import accumulate_probes, rademacher_probes
 
 __all__ = ["HessianDiag", "LayerSummary", "hessian_diag", "top_eigenvalue"]
@@ -145,7 +145,7 @@ class _MeanLossHessian:
         self.model, self.loss_fn = model, loss_fn
         self.device = devices.pop()
         # every probe batch passes over all of the data (a one-shot iterator is kept)
-        self.data = Batches(data, self.device, name="data", class_targets=False)
+        self.data = Batches(data, self.device, DEFAULT_BATCH_SIZE, name="data", class_targets=False)
         self.names = [name for name, _ in named]
         self.params = {name: p.detach() for name, p in named}
         self.shapes = [p.shape for _, p in named]

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from fastmask.combinations import aligned_sources, check_models, evaluate_combinations
-from fastmask.evaluation import DEFAULT_BATCH_SIZE, LossFn
+from fastmask.evaluation import LossFn
 from fastmask.nn import is_masked
 
 __all__ = ["LandscapeResult", "plane", "random_directions"]
@@ -145,7 +145,7 @@ def _evaluate(sources, coefficients: np.ndarray, data, grid, loss_fn, bn_reset_d
 
 
 def plane(w0: nn.Module, w1: nn.Module, w2: nn.Module, data, grid=DEFAULT_GRID, *, margin: float = 0.2,
-          loss_fn: Optional[LossFn] = None, bn_reset_data=None, batch_size: int = DEFAULT_BATCH_SIZE,
+          loss_fn: Optional[LossFn] = None, bn_reset_data=None, batch_size: Optional[int] = None,
           chunk: Optional[int] = None, progress: bool = False) -> LandscapeResult:
     """Loss and error on the plane through three weight sets (coordinates: see the module docstring).
 
@@ -226,7 +226,7 @@ def _direction_model(model: nn.Module, direction: dict[str, Tensor]) -> nn.Modul
 
 def random_directions(model: nn.Module, data, grid=DEFAULT_GRID, *, span: float = 1.0, seed: int = 0,
                       loss_fn: Optional[LossFn] = None, bn_reset_data=None,
-                      batch_size: int = DEFAULT_BATCH_SIZE, chunk: Optional[int] = None,
+                      batch_size: Optional[int] = None, chunk: Optional[int] = None,
                       progress: bool = False) -> LandscapeResult:
     """Loss and error around ``model`` along two filter-normalised random directions (Li et al.).
 

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from fastmask import backend, masks as masks_module
 from fastmask.combinations import StackFallbackWarning, aligned_sources, check_models, evaluate_combinations
 from fastmask.data import DataSplits
-from fastmask.evaluation import DEFAULT_BATCH_SIZE, LossFn
+from fastmask.evaluation import LossFn
 from fastmask.stack import Stack
 
 __all__ = ["InterpolationResult", "InstabilityResult", "interpolate", "instability", "alpha_grid", "DEFAULT_ALPHAS"]
@@ -145,7 +145,7 @@ def alpha_grid(alphas) -> list[float]:
 
 
 def interpolate(model_a: nn.Module, model_b: nn.Module, alphas=DEFAULT_ALPHAS, data=None,
-                loss_fn: Optional[LossFn] = None, bn_reset_data=None, *, batch_size: int = DEFAULT_BATCH_SIZE,
+                loss_fn: Optional[LossFn] = None, bn_reset_data=None, *, batch_size: Optional[int] = None,
                 chunk: Optional[int] = None, progress: bool = False) -> InterpolationResult:
     """Evaluate the networks ``(1 - alpha) * model_a + alpha * model_b`` over ``data``.
 

@@ -528,8 +528,9 @@ def training_footprint(model: nn.Module, data: Dataset, cfg: TrainConfig) -> int
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset, batch_size: int = 1024, amp: bool = True):
-    """Mean cross-entropy and accuracy of ``model`` on ``data`` (lists of K values for a Stack).
+def evaluate(model: nn.Module, data: Dataset, batch_size: int | None = None, amp: bool = True):
+    """Mean cross-entropy and accuracy of ``model`` on ``data`` (lists of K values for a Stack),
+    in batches of ``batch_size`` (None: ``evaluation.default_batch_size``, 128 on the CPU).
 
     The model is evaluated in eval mode (bf16 autocast on CUDA with ``amp``) and put back in the
     mode it was in. The loss is summed in float32, as it always was here (``fastmask.lmc`` sums in

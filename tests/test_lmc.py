@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastmask.models as models
-from fastmask import combinations, data, landscape, lmc, ops
+from fastmask import combinations, data, evaluation, landscape, lmc, ops
 from fastmask.nn import is_masked
 from fastmask.train import TrainConfig, evaluate
 from helpers import assert_close, rel_error
@@ -247,6 +247,16 @@ def test_results_do_not_depend_on_the_chunk(digits, reset_set):
     for run in runs[1:]:
         assert rel_error(torch.tensor(run.loss), torch.tensor(runs[0].loss)) < 1e-6
         assert run.error == runs[0].error
+
+
+def test_evaluation_batches_are_smaller_on_the_cpu_with_the_same_results(digits):
+    sizes = [len(targets) for _, targets in evaluation.Batches(digits.test, torch.device("cpu"))]
+    assert sizes == [128, 128, 104] and evaluation.CPU_BATCH_SIZE == 128
+    assert evaluation.default_batch_size(torch.device("cuda")) == evaluation.DEFAULT_BATCH_SIZE == 1024
+    model = randomised("convnet3", 3)
+    loss, accuracy = evaluate(model, digits.test)
+    loss_1024, accuracy_1024 = evaluate(model, digits.test, batch_size=1024)
+    assert accuracy == accuracy_1024 and abs(loss - loss_1024) <= 1e-6 * abs(loss_1024)
 
 
 def test_batches_lists_generators_and_datasets_agree_and_loss_fn(digits):
