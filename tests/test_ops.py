@@ -281,6 +281,16 @@ def test_float_zero_one_mask_is_accepted():
     assert_close(ops.masked_linear(x, w, m), F.linear(x.double(), w.double() * m.double()))
 
 
+def test_stacked_conv_on_the_cpu_returns_the_models_in_order():
+    # the layers after it run faster on [K, N, O, H, W] in memory order than on a transposed view
+    for x in (torch.randn(3, 2, 4, 6, 6), torch.randn(2, 4, 6, 6)):  # per-model and shared input
+        w, m = torch.randn(3, 5, 4, 3, 3), torch.rand(3, 5, 4, 3, 3) > 0.5
+        y = ops.stacked_masked_conv2d(x, w, m, padding=1)
+        assert y.is_contiguous()
+        for k in range(3):
+            assert_close(y[k], F.conv2d((x[k] if x.dim() == 5 else x).double(), w[k].double() * m[k], padding=1))
+
+
 # ------------------------------------------------------------------------- 2 x 2 average pooling
 
 

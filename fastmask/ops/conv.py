@@ -61,14 +61,7 @@ def conv2d_reference(x, w, m, bias, stride, padding, dilation, groups=1, per_mod
     else:  # per-model input: the K models are K groups of one grouped conv
         xs = x.expand(K, *x.shape[1:]).transpose(0, 1).reshape(N, K * x.shape[2], *x.shape[3:])
         y = F.conv2d(xs, wm, flat_bias, stride, (pt, pl), dilation, K * groups)
-    y = y.view(N, K, O, *y.shape[-2:]).transpose(0, 1)
-    # On the CPU the next layers (norms, ReLU, pooling, the next conv) run faster on [K, N, O, H, W]
-    # in order than on this transposed view, copy included. Measured on the 2-core CPU machine (2
-    # threads, best of 3, view time / contiguous time): `evaluate` of a Stack of 4 ConvNet-3 width 32
-    # on 1,000 28 x 28 images 1.38x, a DM step on Fashion-MNIST (2 networks, 32 real images a
-    # class) 1.38x, LMC of 30 alphas as one stack on digits 1.13x, a stacked training pass
-    # 0.97-1.02x. (CUDA keeps the view: not measured there.)
-    return y.contiguous() if y.device.type == "cpu" else y
+    return y.view(N, K, O, *y.shape[-2:]).transpose(0, 1)
 
 
 
@@ -289,7 +282,14 @@ def stacked_masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Opt
         x, weight, mask, bias, stride, pads, dilation = args
         return _conv_op(x, weight, mask, bias, list(stride), pads, list(dilation))
     per_model = {"torch": False, "torch_per_model": True}.get(route)  # "reference": the CPU's rule
-    return conv2d_reference(*args, groups, per_model=per_model)
+    y = conv2d_reference(*args, groups, per_model=per_model)
+    # On the CPU the next layers (norms, ReLU, pooling, the next conv) run faster on [K, N, O, H, W]
+    # in order than on the grouped conv's transposed view, copy included. Measured on the 2-core
+    # CPU machine (2 threads, best of 3, view time / in-order time): `evaluate` of a Stack of 4
+    # ConvNet-3 width 32 on 1,000 28 x 28 images 1.38x, a DM step on Fashion-MNIST (2 networks, 32
+    # real images a class) 1.38x, LMC of 30 alphas as one stack on digits 1.13x, a stacked training
+    # pass 0.97-1.02x. (CUDA keeps the view: not measured there.)
+    return y.contiguous() if y.device.type == "cpu" else y
 
 
 def masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None,
