@@ -133,10 +133,8 @@ def bench_train_one_model(bench, c):
                                                       seed=0, progress=False)
     own_process = None
     if bench.device.type == "cpu":
-        masks = {f"{name}.weight": module.weight_mask.bool() for name, module in reference.named_modules()
-                 if hasattr(module, "weight_mask")}
-        own_process = OwnProcessTraining(c.arch, dict(c.options), masks, reference.state_dict(), cpu_images,
-                                         cpu_labels, cfg)
+        own_process = OwnProcessTraining(c.arch, dict(c.options), prune.get_masks(reference), reference.state_dict(),
+                                         cpu_images, cpu_labels, cfg)
         contenders["reference_own_process"] = own_process
     try:
         times = bench.measure(contenders, compiled=["reference_compiled"], whole_runs=True,
