@@ -67,8 +67,8 @@ def use_triton(*tensors: torch.Tensor, kernel_dtypes=(torch.float32, torch.bfloa
 
 
 # glibc's mallopt parameters (malloc.h) and the values fastmask sets.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MMAP_THRESHOLD = 32 << 20  # glibc's largest: blocks below it come from the heap, never from mmap
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_MMAP_MAX = 0  # blocks mapped at once: none, every block comes from the heap (the mmap threshold is moot)
 _TRIM_THRESHOLD = 1 << 30  # free memory the heap keeps before handing any back to the OS
 _MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 
@@ -80,13 +80,19 @@ def keep_freed_cpu_memory() -> bool:
     glibc's default settings a large freed block goes back to the OS (``munmap``, or a trim of the
     heap top), depending on the heap's history, so the next training step's activations are
     fresh pages the kernel faults in and zeroes one by one. Measured on the 2-core CPU machine (2
-    torch threads, 60 steps of ConvNet-3 on digits, runs alternating in one process): the same
-    run took 0.63-0.66 s with about 1,000 minor page faults and 0.80-1.04 s with 80,000-190,000,
-    for fastmask's ``fit`` and for a plain torch loop alike; with these settings every run took
-    about 1,000 or fewer. The settings are glibc's own (``mallopt``, as ``MALLOC_MMAP_THRESHOLD_``
-    and ``MALLOC_TRIM_THRESHOLD_`` would set them at start-up): blocks under 32 MiB come from the
-    heap, and up to 1 GiB of free heap stays in the process. The process's resident memory stays
-    near its peak instead of falling between steps: what a caching allocator does on the GPU.
+    torch threads): 60 steps of ConvNet-3 on digits (runs alternating in one process) took
+    0.63-0.66 s with about 1,000 minor page faults and 0.80-1.04 s with 80,000-190,000, for
+    fastmask's ``fit`` and for a plain torch loop alike; with these settings every run took about
+    1,000 or fewer. Blocks of 32 MiB and more (above glibc's largest mmap threshold) are mapped
+    and unmapped every time unless mmap is off: ``evaluate`` of ConvNet-3 width 128 on 2,000 images of
+    28 x 28 (batches of 128, a 51 MiB first activation) took 1.12-1.20 s with 188,000 faults per
+    call and 0.89-0.92 s with none once every block came from the heap (best of 3, two processes
+    each). The settings are glibc's own (``mallopt``, as ``MALLOC_MMAP_MAX_=0`` and
+    ``MALLOC_TRIM_THRESHOLD_`` would set them at start-up): every
+    block comes from the heap (no mmap), and up to 1 GiB of free memory at the heap's top stays in
+    the process. The process's resident memory stays near its peak instead of falling between
+    steps, what a caching allocator does on the GPU; a freed block inside the heap is kept until
+    reused.
 
     They are process-wide (the user's own torch code benefits too) and set once, at the first
     import of ``fastmask.backend``. Nothing is set with ``FASTMASK_KEEP_CPU_MEMORY=0`` (glibc's
@@ -110,7 +116,7 @@ def keep_freed_cpu_memory() -> bool:
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
-        return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+        return bool(mallopt(_M_MMAP_MAX, _MMAP_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
     except (OSError, AttributeError):  # an import must never fail over a speed setting
         return False
 
