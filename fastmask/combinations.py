@@ -17,7 +17,8 @@ keep the two weight sets and form the K interpolated masked weights inside the k
 (``Stack.interpolate_in_kernel``). K is all the combinations unless memory is short: on CUDA the
 chunk comes from the free memory and the measured footprint of one network, on the CPU it is
 ``CPU_CHUNK``; the results do not depend on it. On the CPU (``ONE_AT_A_TIME_DEVICES``) one plain
-network per combination is faster (the loop researchers write: ``load_state_dict`` per network)
+network per combination is faster (the loop researchers write, with each network's weights
+combined in place)
 and is taken unless the caller gives a ``chunk``: both give the same numbers within rounding.
 Models that do not stack (a layer type ``Stack``
 does not know, or forward code that does not run on ``[K, B, ...]`` tensors: checked on two
@@ -295,20 +296,31 @@ def evaluate_combinations(models: Sequence[nn.Module], coefficients: Tensor, dat
 
 def _combined_network(models: Sequence[nn.Module]) -> tuple[nn.Module, Callable[[Sequence[float]], None]]:
     """One plain copy of the models' architecture and ``load(row)``, which makes it the network
-    ``sum_j row[j] * models[j]`` (in eval mode)."""
-    network = copy.deepcopy(models[0])
-    states = [model.state_dict() for model in models]
+    ``sum_j row[j] * models[j]`` (in eval mode).
 
+    ``load`` writes the floating tensors in place, one foreach op per model (a multiply, then
+    scaled adds), instead of building a state per network for ``load_state_dict`` (~100 small ops
+    and their allocations for ConvNet-3: see bench/README.md, LMC). The other tensors (masks,
+    counters) stay models[0]'s."""
+    network = copy.deepcopy(models[0])
+    live = network.state_dict(keep_vars=True)  # the copy's parameters and buffers themselves
+    states = [model.state_dict() for model in models]
+    floating = [name for name, tensor in live.items() if tensor.is_floating_point()]
+    targets = [live[name].detach() for name in floating]
+
+    @torch.no_grad()
     def load(row):
-        network.load_state_dict({name: sum(c * state[name] for c, state in zip(row, states))
-                                 if tensor.is_floating_point() else tensor for name, tensor in states[0].items()})
+        torch._foreach_copy_(targets, [states[0][name] for name in floating])
+        torch._foreach_mul_(targets, row[0])
+        for c, state in zip(row[1:], states[1:]):
+            torch._foreach_add_(targets, [state[name] for name in floating], alpha=c)
         network.eval()
 
     return network, load
 
 
 def _one_at_a_time(models, coefficients, batches, reset, loss_fn, progress, what):
-    """The loop researchers write: one plain network per combination (``load_state_dict``), one
+    """The loop researchers write: one plain network per combination (``_combined_network``), one
     pass over the data each."""
     network, load = _combined_network(models)
     batch_norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
