@@ -73,7 +73,21 @@ class LandscapeResult:
 
     def to_dict(self) -> dict:
         return {"x": self.x.tolist(), "y": self.y.tolist(), "loss": self.loss.tolist(), "error": self.error.tolist(),
-                "points": {name: list(p) for name, p in self.points.items()}}
+                "points": {name: list(p) for name, p in self.points.items()}, "xlabel": self.xlabel,
+                "ylabel": self.ylabel}
+
+    @classmethod
+    def from_dict(cls, entry: dict) -> "LandscapeResult":
+        """The result ``to_dict`` gave (as stored in ``results.json``), e.g. to draw it again.
+
+        Example::
+
+            LandscapeResult.from_dict(result.to_dict()).save_plot("plane.png")
+        """
+        return cls(np.asarray(entry["x"], dtype=float), np.asarray(entry["y"], dtype=float),
+                   np.asarray(entry["loss"], dtype=float), np.asarray(entry["error"], dtype=float),
+                   {name: tuple(p) for name, p in entry["points"].items()},
+                   xlabel=entry.get("xlabel", "x"), ylabel=entry.get("ylabel", "y"))  # older runs stored no labels
 
     def save_plot(self, path: str | os.PathLike, what: str = "loss", levels: int = 30, title: str | None = None,
                   markers: str | None = None) -> Path:

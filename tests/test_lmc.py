@@ -1,8 +1,10 @@
 """Linear mode connectivity and loss landscapes: the interpolated kernels (interpreter on CPU)
 against float64, and the stacked evaluation against one eager evaluation per network."""
 import copy
+import json
 
 import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -453,6 +455,11 @@ def test_random_directions_centre_is_the_model_and_plot(digits, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
     with pytest.raises(ValueError, match="what"):
         result.save_plot(tmp_path / "x.png", what="accuracy")
+    # as results.json stores it (JSON), and back: what the reports draw from
+    stored = landscape.LandscapeResult.from_dict(json.loads(json.dumps(result.to_dict())))
+    for name in ("x", "y", "loss", "error"):
+        assert np.array_equal(getattr(stored, name), getattr(result, name)), name
+    assert (stored.points, stored.xlabel, stored.ylabel) == (result.points, "direction 1", "direction 2")
 
 
 # ----------------------------------------------------------------------------- CUDA

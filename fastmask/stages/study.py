@@ -166,9 +166,7 @@ def run(ctx: Context) -> dict:
             entry["per_example_lmc"] = study.connectivity(barriers, cfg.study.lmc_threshold, cfg.study.histogram_bins)
         if unit in planes:
             test = study.first_examples(ctx.splits.test, cfg.study.test_examples)
-            entry["landscape"] = landscape_stage.draw_plane(
-                ctx, copy.deepcopy(model), masks, rewind, pair, test, f"study_landscape_{planes[unit]}",
-                f"the {planes[unit]} arm's last subnetwork", "w0: the rewind weights (masked); w1, w2: seed 0's two copies")
+            entry["landscape"] = landscape_stage.measure_plane(ctx, copy.deepcopy(model), masks, rewind, pair, test)
         ctx.log({"stage": "study", "unit": unit, "test_accuracy_mean": entry["test_accuracy_mean"],
                  "barrier_error_test_mean": entry["barrier_error_test_mean"]})
         return entry
@@ -225,7 +223,11 @@ def report(result: dict, ctx: ReportContext) -> list[str]:
     if result.get("landscapes"):
         lines += ["", "The loss landscape of the arms the landscape stage does not draw: the plane through the "
                   "masked rewind weights and seed 0's two copies, at the last density.", ""]
-        lines += [f"![study landscape {arm}](plots/study_landscape_{arm}.png)" for arm in result["landscapes"]]
+        for arm, entry in result["landscapes"].items():
+            path = landscape_stage.draw_plane(entry, ctx.plots / f"study_landscape_{arm}.png",
+                                              f"the {arm} arm's last subnetwork", ctx.subject(),
+                                              "w0: the rewind weights (masked); w1, w2: seed 0's two copies")
+            lines.append(f"![study landscape {arm}](plots/{path.name})")
     return lines + [""]
 
 
