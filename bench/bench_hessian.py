@@ -12,7 +12,11 @@ Contenders, each giving the diagonal and the per-probe traces:
 - ``fastmask_probe_batch_8`` (GPU): the same with 8 probes per batch, whose peak memory says what
   the batched products cost;
 - ``fastmask_vmap`` and ``fastmask_double_backward``: the same with the products formed one way
-  on every device (``_MeanLossHessian``), to check the choice of the way.
+  on every device (``_MeanLossHessian``), to check the choice of the way;
+- ``product_floor``: not an estimate: the gradient's graph built once and one double backward per
+  probe with one fixed vector, nothing else (no probes drawn, nothing summed, no host sync). What
+  one product per probe costs at least on the device: only work shared across the probes (a
+  batched product) can beat it.
 torch.compile of the loop is not a contender: compiled graphs do not support double backward.
 
 Cases: on a GPU 64 probes over a batch of 256 CIFAR-shaped images, ConvNet-3 (instance norm, the
@@ -90,6 +94,17 @@ def one_probe_at_a_time(model, x, y, num_probes, seed=0):
     return [d / num_probes for d in diag], traces
 
 
+def product_floor(model, x, y, num_probes):
+    """The least a product per probe costs: one gradient graph, then ``num_probes`` double
+    backwards of one fixed vector (model in eval mode)."""
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), params, create_graph=True)
+    vector = [torch.ones_like(p) for p in params]
+    for _ in range(num_probes):
+        torch.autograd.grad(grads, params, grad_outputs=vector, retain_graph=True)
+
+
 def model_and_batch(c: HessianCase, device):
     torch.manual_seed(0)
     if c.data == "digits":
@@ -131,12 +146,13 @@ def bench_hessian_diag(bench, c):
 
     contenders = {"loop": lambda: one_probe_at_a_time(model, x, y, c.probes), "fastmask": fastmask,
                   "fastmask_vmap": with_modes(("forward-over-reverse",), fastmask),
-                  "fastmask_double_backward": with_modes(("double-backward",), fastmask)}
+                  "fastmask_double_backward": with_modes(("double-backward",), fastmask),
+                  "product_floor": lambda: product_floor(model, x, y, c.probes)}
     if bench.kind != "cpu":  # what a batch of 8 probes costs in memory: a GPU's question
         contenders["fastmask_probe_batch_8"] = lambda: hessian_diag(model, F.cross_entropy, batches,
                                                                     num_probes=c.probes, probe_batch=8, seed=0)
     times = bench.measure(contenders, whole_runs=True)
-    extra = {}
+    extra = {"speedup_vs_product_floor": bench.speedup(times, "fastmask", "product_floor")}
     if bench.kind == "gpu":
         extra["peak_memory_bytes"] = {name: bench.peak_memory(fn) for name, fn in contenders.items()}
         print("peak memory (GiB): " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in extra["peak_memory_bytes"].items()))

@@ -18,7 +18,11 @@ Contenders, each returning the loss and error at every alpha:
   ``ONE_AT_A_TIME_DEVICES``). A fall-back to one alpha at a time because the
   models do not stack (``lmc.StackFallbackWarning``) fails the case;
 - ``fastmask_stacked``: the same with all alphas in one stacked pass (``chunk`` given), to check
-  the CPU's choice.
+  the CPU's choice;
+- ``forward_floor``: not an LMC: one plain network's forward passes over the data, once per alpha
+  (its reset passes too), with nothing else (no interpolation, no loss). What any evaluation of one
+  network per alpha costs at least on the device: only work shared across the alphas (a batched
+  pass) can beat it.
 
 Cases: on a GPU 10,000 CIFAR-shaped images (3 x 32 x 32), ConvNet-3 (instance norm, and batch
 norm with and without reset) and ResNet-18 (with and without reset), batches of 1000, a 21 x 21
@@ -258,15 +262,28 @@ def bench_lmc_interpolate(bench, c):
                                  batch_size=c.batch, chunk=len(alphas))
         return list(zip(result.loss, result.error))
 
+    floor_net = copy.deepcopy(plain_a)  # its own copy: the reset passes change its statistics
+
+    def forward_floor():
+        with torch.no_grad():
+            for _ in alphas:
+                floor_net.train()
+                for x, _ in reset_batches or ():
+                    floor_net(x)
+                floor_net.eval()
+                for x, _ in batches:
+                    floor_net(x)
+
     contenders = {"loop": loop, "vmap_compiled": vmap_compiled, "fastmask": fastmask,
-                  "fastmask_stacked": fastmask_stacked}
+                  "fastmask_stacked": fastmask_stacked, "forward_floor": forward_floor}
     times = bench.measure(contenders, compiled=["vmap_compiled"], whole_runs=True, smoke_compiled=c.smoke_compiled)
     reference = loop()
-    agreement = {name: worst_difference(contenders[name](), reference) for name in times if name != "loop"}
-    extra = {"speedup_vs_vmap_compiled": bench.speedup(times, "fastmask", "vmap_compiled")} \
-        if "vmap_compiled" in times else {}
+    evaluations = [name for name in times if name not in ("loop", "forward_floor")]
+    agreement = {name: worst_difference(contenders[name](), reference) for name in evaluations}
+    extra = {f"speedup_vs_{name}": bench.speedup(times, "fastmask", name)
+             for name in ("vmap_compiled", "forward_floor") if name in times}
     if bench.kind == "gpu":
-        extra["peak_memory_bytes"] = {name: bench.peak_memory(contenders[name]) for name in times if name != "loop"}
+        extra["peak_memory_bytes"] = {name: bench.peak_memory(contenders[name]) for name in evaluations}
     bench.row(c.describe(), times, baseline="loop", **extra,
               max_relative_loss_difference=agreement, parameters=sum(p.numel() for p in model_a.parameters()),
               density=DENSITY)

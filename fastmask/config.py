@@ -99,7 +99,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "hessian": {"num_probes": 16, "examples": 256},
     },
     # The study on real data that installs offline (Debian's dataset-fashion-mnist), sized for 2 CPU cores
-    # (5 min 26 s on 2 idle cores, README "The study"): a 4,000-image training subset, ConvNet-3 width 32,
+    # (4 min 43-47 s on 2 idle cores, README "The study"): a 4,000-image training subset, ConvNet-3 width 32,
     # one epoch per training, 3 IMP rounds at rate 0.4 (densities 1, 0.6, 0.36, 0.216), 4 arms x 3 seeds,
     # the study's accuracies and barriers on 1,000 test / 500 training examples. DM as measured to beat
     # random real images (distilled with width-32 networks, 300 iterations, 2 networks, 32 real images).
