@@ -16,7 +16,7 @@ Contenders, each giving the diagonal and the per-probe traces:
 - ``product_floor``: not an estimate: the gradient's graph built once and one double backward per
   probe with one fixed vector, nothing else (no probes drawn, nothing summed, no host sync). What
   one product per probe costs at least on the device: only work shared across the probes (a
-  batched product) can beat it.
+  batched product) or fewer passes over memory (fused kernels) can beat it.
 torch.compile of the loop is not a contender: compiled graphs do not support double backward.
 
 Cases: on a GPU 64 probes over a batch of 256 CIFAR-shaped images, ConvNet-3 (instance norm, the

@@ -22,7 +22,7 @@ Contenders, each returning the loss and error at every alpha:
 - ``forward_floor``: not an LMC: one plain network's forward passes over the data, once per alpha
   (its reset passes too), with nothing else (no interpolation, no loss). What any evaluation of one
   network per alpha costs at least on the device: only work shared across the alphas (a batched
-  pass) can beat it.
+  pass) or fewer passes over memory (fused, compiled kernels) can beat it.
 
 Cases: on a GPU 10,000 CIFAR-shaped images (3 x 32 x 32), ConvNet-3 (instance norm, and batch
 norm with and without reset) and ResNet-18 (with and without reset), batches of 1000, a 21 x 21

@@ -68,7 +68,7 @@ def use_triton(*tensors: torch.Tensor, kernel_dtypes=(torch.float32, torch.bfloa
 
 # glibc's mallopt parameters (malloc.h) and the values fastmask sets.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_MMAP_MAX = 0  # blocks mapped at once: none, every block comes from the heap (the mmap threshold is moot)
+_MMAP_MAX = 0  # blocks mapped at once: none, the main arena's blocks come from the heap (the mmap threshold is moot)
 _TRIM_THRESHOLD = 1 << 30  # free memory the heap keeps before handing any back to the OS
 _MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 
@@ -88,11 +88,13 @@ def keep_freed_cpu_memory() -> bool:
     28 x 28 (batches of 128, a 51 MiB first activation) took 1.12-1.20 s with 188,000 faults per
     call and 0.89-0.92 s with none once every block came from the heap (best of 3, two processes
     each). The settings are glibc's own (``mallopt``, as ``MALLOC_MMAP_MAX_=0`` and
-    ``MALLOC_TRIM_THRESHOLD_`` would set them at start-up): every
-    block comes from the heap (no mmap), and up to 1 GiB of free memory at the heap's top stays in
-    the process. The process's resident memory stays near its peak instead of falling between
-    steps, what a caching allocator does on the GPU; a freed block inside the heap is kept until
-    reused.
+    ``MALLOC_TRIM_THRESHOLD_`` would set them at start-up): the main thread's blocks all come from
+    the heap (other threads' arenas still map blocks that do not fit their 64 MiB heaps), and only
+    free memory at the heap's top beyond 1 GiB goes back to the OS. The cost: the process's
+    resident memory stays near its peak instead of falling between steps (what a caching
+    allocator does on the GPU), and a large temporary freed below a live block stays resident,
+    for reuse, for the life of the process (``ctypes.CDLL("libc.so.6").malloc_trim(0)`` returns
+    it; ``FASTMASK_KEEP_CPU_MEMORY=0`` keeps glibc's defaults).
 
     They are process-wide (the user's own torch code benefits too) and set once, at the first
     import of ``fastmask.backend``. Nothing is set with ``FASTMASK_KEEP_CPU_MEMORY=0`` (glibc's

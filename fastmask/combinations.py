@@ -300,23 +300,39 @@ def _combined_network(models: Sequence[nn.Module]) -> tuple[nn.Module, Callable[
 
     ``load`` writes the floating tensors in place, one foreach op per model (a multiply, then
     scaled adds), instead of building a state per network for ``load_state_dict`` (~100 small ops
-    and their allocations for ConvNet-3: see bench/README.md, LMC). The other tensors (masks,
-    counters) stay models[0]'s."""
+    and their allocations for ConvNet-3: see bench/README.md, LMC). It takes the copy's
+    ``state_dict(keep_vars=True)`` to be its live tensors (true of torch's and fastmask's modules; a
+    module whose state-dict hooks rewrite its state would need the state per network). A tensor held
+    under several names (tied weights) is written once; where floating tensors share memory
+    otherwise (views of one another), the state per network is built and loaded instead. Masks and
+    other non-floating tensors keep models[0]'s values."""
     network = copy.deepcopy(models[0])
-    live = network.state_dict(keep_vars=True)  # the copy's parameters and buffers themselves
     states = [model.state_dict() for model in models]
-    floating = [name for name, tensor in live.items() if tensor.is_floating_point()]
+    live = network.state_dict(keep_vars=True)  # the copy's parameters and buffers themselves
+    floating, seen = [], {}
+    for name, tensor in live.items():
+        if tensor.is_floating_point():
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+            if key not in seen:
+                floating.append(name)
+            seen[key] = tensor.untyped_storage().data_ptr()
+    shared_memory = len(set(seen.values())) < len(seen)
     targets = [live[name].detach() for name in floating]
 
     @torch.no_grad()
-    def load(row):
+    def load_in_place(row):
         torch._foreach_copy_(targets, [states[0][name] for name in floating])
         torch._foreach_mul_(targets, row[0])
         for c, state in zip(row[1:], states[1:]):
             torch._foreach_add_(targets, [state[name] for name in floating], alpha=c)
         network.eval()
 
-    return network, load
+    def load_state(row):
+        network.load_state_dict({name: sum(c * state[name] for c, state in zip(row, states))
+                                 if tensor.is_floating_point() else tensor for name, tensor in states[0].items()})
+        network.eval()
+
+    return network, (load_state if shared_memory else load_in_place)
 
 
 def _one_at_a_time(models, coefficients, batches, reset, loss_fn, progress, what):

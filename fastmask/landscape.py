@@ -48,6 +48,8 @@ from fastmask.nn import is_masked
 __all__ = ["LandscapeResult", "plane", "random_directions"]
 
 DEFAULT_GRID = (21, 21)
+PLANE_XLABEL = "distance along w1 - w0"  # the axes of ``plane``'s results
+PLANE_YLABEL = "orthogonal distance towards w2"
 
 
 @dataclasses.dataclass
@@ -200,8 +202,7 @@ def plane(w0: nn.Module, w1: nn.Module, w2: nn.Module, data, grid=DEFAULT_GRID, 
     coefficients = np.stack([1 - c1 - c2, c1, c2], axis=-1).reshape(-1, 3)
     sources = aligned_sources([w0, w1, w2])
     loss, error = _evaluate(sources, coefficients, data, (nx, ny), loss_fn, bn_reset_data, batch_size, chunk, progress)
-    return LandscapeResult(x, y, loss, error, points, xlabel="distance along w1 - w0",
-                           ylabel="orthogonal distance towards w2")
+    return LandscapeResult(x, y, loss, error, points, xlabel=PLANE_XLABEL, ylabel=PLANE_YLABEL)
 
 
 def filter_normalized_direction(model: nn.Module, generator: torch.Generator) -> dict[str, Tensor]:

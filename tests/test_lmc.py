@@ -234,6 +234,41 @@ def test_masks_that_differ_interpolate_the_masked_weights(digits):
     assert result.error == pytest.approx(error, abs=1e-12)
 
 
+class SharedTensors(nn.Module):
+    """An MLP whose state holds memory twice: a tied weight (one Parameter under two names), or a
+    buffer that is a view of another (a deep copy keeps it so)."""
+
+    def __init__(self, tied: bool):
+        super().__init__()
+        self.first, self.second, self.head = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+        if tied:
+            self.second.weight = self.first.weight
+        self.register_buffer("input_scale", torch.rand(74) + 0.5)
+        self.register_buffer("output_shift", self.input_scale[64:])
+
+    def forward(self, x):
+        hidden = torch.relu(self.second(torch.relu(self.first(x.flatten(1) * self.input_scale[:64]))))
+        return self.head(hidden) + self.output_shift
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied-weight", "view-buffer"])
+def test_one_at_a_time_combines_tensors_held_twice_once(digits, monkeypatch, tied):
+    monkeypatch.setattr(combinations, "ONE_AT_A_TIME_DEVICES", ("cpu",))
+    torch.manual_seed(0)
+    a, b = SharedTensors(tied), SharedTensors(tied)
+    alphas = [0.0, 0.3, 1.0]
+    result = lmc.interpolate(a, b, alphas, digits.test)
+    for model, k in ((a, 0), (b, -1)):
+        loss, _ = evaluate(model, digits.test, amp=False)
+        assert result.loss[k] == pytest.approx(loss, rel=1e-5)
+    middle = copy.deepcopy(a)
+    with torch.no_grad():
+        for p, q in zip(middle.parameters(), b.parameters()):  # parameters() lists a tied weight once
+            p.lerp_(q, 0.3)
+        middle.input_scale.lerp_(b.input_scale, 0.3)  # output_shift with it
+    assert result.loss[1] == pytest.approx(evaluate(middle, digits.test, amp=False)[0], rel=1e-5)
+
+
 @pytest.mark.parametrize("reset", [False, True])
 def test_a_model_with_itself_is_flat_with_zero_barrier(digits, reset_set, reset):
     a = randomised("convnet", 4, width=8, norm="batch")

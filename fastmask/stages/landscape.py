@@ -1,7 +1,7 @@
 """The landscape stage: the loss landscape on the plane through each analysed network's rewind
 weights and its two LMC copies (``fastmask.landscape.plane``), one network per unit of work
 (``units/landscape/<network>.json``); the report draws each as ``plots/landscape_<network>.png``
-(as every stage, figures are the report's: the stage's time is the computation's).
+(as it draws LMC's, IMP's and the Hessian's figures: the stage's time is the computation's).
 
 Result: per network ``{"x", "y", "loss", "error", "points", "xlabel", "ylabel"}``
 (``LandscapeResult.to_dict``), or ``{}`` when the stage is disabled.
@@ -34,8 +34,10 @@ def measure_plane(ctx: Context, model, masks, rewind: dict, pair, data) -> dict:
 
 
 def draw_plane(entry: dict, path: Path, of: str, subject: str, markers: str) -> Path:
-    """The plane ``entry`` (``measure_plane``'s) drawn as ``path``, titled with what it is ``of``."""
-    return landscape.LandscapeResult.from_dict(entry).save_plot(
+    """The plane ``entry`` (``measure_plane``'s) drawn as ``path``, titled with what it is ``of``
+    (an entry stored before results kept the axes' labels gets ``landscape.plane``'s)."""
+    labelled = {"xlabel": landscape.PLANE_XLABEL, "ylabel": landscape.PLANE_YLABEL, **entry}
+    return landscape.LandscapeResult.from_dict(labelled).save_plot(
         path, title=f"Test loss on the plane of {of}\n{subject}", markers=markers)
 
 

@@ -23,7 +23,7 @@ units are dealt out over the ranks.
 Result: ``{"seeds", "stacked", "arms": {arm: [entry per density, densest first]},
 "per_example_lmc": {network: {"fraction", "threshold", "histogram", "mean_barrier"}},
 "curves": {network: seed 0's interpolation curves}, "landscapes": {arm: {"x", "y", "loss", "error",
-"points"}}, "claims": [{"claim", "evidence", "verdict"}]}`` (network: ``dense`` and each arm's last
+"points", "xlabel", "ylabel"}}, "claims": [{"claim", "evidence", "verdict"}]}`` (network: ``dense`` and each arm's last
 subnetwork; landscapes: as the landscape stage's, for the arms it does not draw); entries as ``fastmask.study.measure`` gives them
 plus ``round`` and ``train_points_used``. ``{}`` when ``study.arms`` is empty (the default).
 
