@@ -45,6 +45,22 @@ def test_layer_pruning_prunes_each_tensor_and_ties_are_deterministic():
     assert torch.equal(prune.magnitude_masks(net, 0.5, scope="layer")["0.weight"], masks["0.weight"])
 
 
+@pytest.mark.parametrize("size, levels", [(1, 1), (7, 2), (1000, 5), (4099, 4099)])
+def test_keep_largest_is_the_stable_descending_sorts_first(size, levels):
+    generator = torch.Generator().manual_seed(size)
+    scores = torch.randint(0, levels, (size,), generator=generator).double()  # ties, unless levels = size
+    scores[torch.randint(0, size, (size // 50,), generator=generator)] = float("nan")  # counted as infinity
+    alive = torch.rand(size, generator=generator) < 0.7
+    alive[0] = True
+    count = int(alive.sum())
+    alive_index = torch.nonzero(alive).flatten()
+    order = torch.argsort(torch.nan_to_num(scores[alive_index], nan=float("inf")), descending=True, stable=True)
+    for keep in sorted({0, 1, count // 3, count - 1, count}):
+        expected = torch.zeros(size, dtype=torch.bool)
+        expected[alive_index[order[:keep]]] = True
+        assert torch.equal(prune._keep_largest(scores.view(1, -1), alive.view(1, -1), keep), expected.view(1, -1))
+
+
 def test_pruning_never_revives_and_masks_are_monotone():
     net = plain_net()
     first = prune.magnitude_masks(net, 0.5)
