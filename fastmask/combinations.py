@@ -309,22 +309,22 @@ def _combined_network(models: Sequence[nn.Module]) -> tuple[nn.Module, Callable[
     network = copy.deepcopy(models[0])
     states = [model.state_dict() for model in models]
     live = network.state_dict(keep_vars=True)  # the copy's parameters and buffers themselves
-    floating, seen = [], {}
+    views = {}  # (storage, offset, shape, stride) -> the first name holding that view
     for name, tensor in live.items():
         if tensor.is_floating_point():
-            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
-            if key not in seen:
-                floating.append(name)
-            seen[key] = tensor.untyped_storage().data_ptr()
-    shared_memory = len(set(seen.values())) < len(seen)
+            views.setdefault((tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                              tensor.stride()), name)
+    shared_memory = len({storage for storage, *_ in views}) < len(views)
+    floating = list(views.values())
     targets = [live[name].detach() for name in floating]
+    sources = [[state[name] for name in floating] for state in states]
 
     @torch.no_grad()
     def load_in_place(row):
-        torch._foreach_copy_(targets, [states[0][name] for name in floating])
+        torch._foreach_copy_(targets, sources[0])
         torch._foreach_mul_(targets, row[0])
-        for c, state in zip(row[1:], states[1:]):
-            torch._foreach_add_(targets, [state[name] for name in floating], alpha=c)
+        for c, source in zip(row[1:], sources[1:]):
+            torch._foreach_add_(targets, source, alpha=c)
         network.eval()
 
     def load_state(row):

@@ -89,7 +89,7 @@ class LandscapeResult:
         return cls(np.asarray(entry["x"], dtype=float), np.asarray(entry["y"], dtype=float),
                    np.asarray(entry["loss"], dtype=float), np.asarray(entry["error"], dtype=float),
                    {name: tuple(p) for name, p in entry["points"].items()},
-                   xlabel=entry.get("xlabel", "x"), ylabel=entry.get("ylabel", "y"))  # older runs stored no labels
+                   **{key: entry[key] for key in ("xlabel", "ylabel") if key in entry})  # older runs stored none
 
     def save_plot(self, path: str | os.PathLike, what: str = "loss", levels: int = 30, title: str | None = None,
                   markers: str | None = None) -> Path:
